@@ -1,0 +1,256 @@
+"""The body of an HF model described as a fixed list of pipeline layers.
+
+An adapter says *where* the parts of a family's base model live (token embedding, blocks, final norm, pooler) and
+*how* one block is called (which mask, which positions). It never re-implements the family's maths: the embedding
+stage runs the family's own base-model ``forward`` with its blocks removed, each block is the family's own layer
+module, and the task head (``hfpipe.heads``) runs the task model's own ``forward`` on a stub body. So one small
+description per family is enough, and families whose transformers config declares ``base_model_pp_plan`` need none
+(``hfpipe.adapters.pp_plan``).
+
+Every module here is first built on the meta device (free), then only the pieces a rank owns are materialised:
+``to_empty`` + weights from a source + the family's ``_init_weights`` for whatever the source did not provide
+(non-persistent buffers such as rotary ``inv_freq`` included) -- the same path HF's own loading takes.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from transformers import masking_utils
+
+#: What crosses a stage boundary, in order. ``hidden_states`` is the only float tensor; the others are int64.
+#: ``input_ids`` rides along only when the head needs it (decoder sequence classification pools on the last
+#: non-pad token, exactly like HF).
+BOUNDARY = ("hidden_states", "attention_mask", "position_ids")
+
+
+class UnsupportedModelError(ValueError):
+    """The model (family, head or configuration) cannot be turned into a pipeline."""
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path) if path else root
+
+
+def set_submodule(root: nn.Module, path: str, value: nn.Module | None) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = get_submodule(root, parent_path)
+    setattr(parent, name, value)
+
+
+def shallow_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose child dict can be edited without touching the original (children shared)."""
+    clone = copy.copy(module)
+    clone._modules = dict(module._modules)
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    return clone
+
+
+def copy_without(root: nn.Module, replace: Mapping[str, nn.Module | None]) -> nn.Module:
+    """Deep-copy ``root`` with the submodules at ``replace``'s paths swapped out *before* copying, so large parts
+    (e.g. all blocks) are never copied. Works on meta modules, where this costs only Python objects."""
+    clone = shallow_copy(root)
+    for path, value in replace.items():
+        parts = path.split(".")
+        node = clone
+        for part in parts[:-1]:  # copy-on-write down the path
+            child = shallow_copy(node._modules[part])
+            node._modules[part] = child
+            node = child
+        node._modules[parts[-1]] = value
+    return copy.deepcopy(clone)
+
+
+class Adapter:
+    """Describes one family's body. Subclasses set the class attributes; the registry instantiates one per model.
+
+    Paths are relative to the *base* model (``model.model``, ``model.transformer``, ``model.bert``, ...).
+    """
+
+    #: ``config.model_type`` values handled by this adapter.
+    model_types: tuple[str, ...] = ()
+    #: The ``nn.ModuleList`` of blocks.
+    layers_path: str = "layers"
+    #: Token embedding split into its own layer (decoders: it may be tied to the LM head). ``None`` keeps the
+    #: embedding inside the embedding stage (encoders).
+    embed_path: str | None = "embed_tokens"
+    #: Modules applied after the last block, in order (final norm, output projection).
+    final_paths: tuple[str, ...] = ("norm",)
+    #: Pooler of the base model (BERT-style), run on the last stage when the head uses ``pooler_output``.
+    pooler_path: str | None = None
+    #: Block-level helpers that hold no parameters but must exist on every stage (rotary embeddings).
+    aux_paths: tuple[str, ...] = ()
+    #: Causal decoder (True) or bidirectional encoder (False).
+    causal: bool = True
+    #: Inputs the first stage takes besides ``input_ids`` and ``attention_mask``.
+    extra_input_names: tuple[str, ...] = ()
+
+    def __init__(self, config, model_class: type, meta_model: nn.Module):
+        self.config = config
+        self.model_class = model_class
+        self.meta_model = meta_model
+        self.base_prefix = meta_model.base_model_prefix
+        self.meta_base = getattr(meta_model, self.base_prefix)
+        self.validate()
+
+    # ----------------------------------------------------------------------------------------------- checks
+    def validate(self) -> None:
+        """Raise :class:`UnsupportedModelError` for configurations that would give a wrong pipeline."""
+        if getattr(self.config, "output_router_logits", False):
+            raise UnsupportedModelError(
+                f"{type(self.meta_model).__name__} has output_router_logits=True: its auxiliary router loss needs the "
+                "router logits of every block on the last stage, which a pipeline cannot carry. Set "
+                "config.output_router_logits=False (the router still trains through the main loss)."
+            )
+        if getattr(self.config, "layerdrop", 0.0):
+            raise UnsupportedModelError(
+                f"config.layerdrop={self.config.layerdrop}: random block skipping changes the schedule per step and "
+                "is not supported in a pipeline; set config.layerdrop=0.0."
+            )
+
+    @property
+    def num_blocks(self) -> int:
+        return len(get_submodule(self.meta_base, self.layers_path))
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return ("input_ids", "attention_mask") + tuple(self.extra_input_names)
+
+    # ----------------------------------------------------------------------------------------- positions/masks
+    def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Positions the family's base model computes when none are given (int64, ``[batch, seq]``)."""
+        batch, seq = input_ids.shape
+        return torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq).contiguous()
+
+    def mask_function(self, index: int) -> Callable:
+        """The transformers mask builder block ``index`` uses (same choice as the family's forward)."""
+        if not self.causal:
+            return masking_utils.create_bidirectional_mask
+        layer_types = getattr(self.config, "layer_types", None)
+        if layer_types is not None:
+            kind = layer_types[index]
+            builders = {
+                "full_attention": masking_utils.create_causal_mask,
+                "sliding_attention": masking_utils.create_sliding_window_causal_mask,
+                "chunked_attention": masking_utils.create_chunked_causal_mask,
+            }
+            if kind not in builders:
+                raise UnsupportedModelError(
+                    f"block {index} has layer type {kind!r}; hfpipe supports {sorted(builders)}. Register a custom "
+                    "adapter for this family (see hfpipe.adapters.register_adapter)."
+                )
+            return builders[kind]
+        if getattr(self.config, "sliding_window", None) is not None and getattr(self.config, "use_sliding_window", True):
+            return masking_utils.create_sliding_window_causal_mask
+        return masking_utils.create_causal_mask
+
+    def block_mask(self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):
+        fn = self.mask_function(index)
+        if fn is masking_utils.create_bidirectional_mask:
+            return fn(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        return fn(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
+                  position_ids=position_ids)
+
+    def block_kwargs(self, block, index: int, hidden, attention_mask, position_ids) -> dict:
+        """Keyword arguments for one HF block call, as the family's forward passes them."""
+        kwargs = {"attention_mask": self.block_mask(index, hidden, attention_mask, position_ids)}
+        if self.causal:  # encoders' forwards pass no computed positions to their layers
+            kwargs["position_ids"] = position_ids
+        rotary = getattr(block.aux, "rotary_emb", None) if hasattr(block, "aux") else None
+        if rotary is not None:
+            kwargs["position_embeddings"] = rotary(hidden, position_ids)
+        return kwargs
+
+    def call_block(self, block, index: int, hidden, attention_mask, position_ids) -> torch.Tensor:
+        out = block.layer(hidden, **self.block_kwargs(block, index, hidden, attention_mask, position_ids))
+        return out[0] if isinstance(out, tuple) else out
+
+    # ------------------------------------------------------------------------------------------ embedding stage
+    def body_shell(self) -> nn.Module:
+        """Meta copy of the base model with no blocks, no final modules and no pooler (and, for decoders, no token
+        embedding): its ``forward`` computes exactly the hidden states the first block receives."""
+        replace: dict[str, nn.Module | None] = {self.layers_path: nn.ModuleList()}
+        for path in self.final_paths:
+            replace[path] = nn.Identity()
+        if self.pooler_path:
+            replace[self.pooler_path] = None
+        if self.embed_path:
+            replace[self.embed_path] = None
+        return copy_without(self.meta_base, replace)
+
+    def shell_forward(self, shell: nn.Module, inputs: dict) -> torch.Tensor:
+        out = shell(**inputs, use_cache=False)
+        return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+    def final_modules(self) -> list[tuple[str, nn.Module]]:
+        """``(path, meta module)`` of the final modules that exist in this configuration (OPT may have none)."""
+        out = []
+        for path in self.final_paths:
+            parent, _, name = path.rpartition(".")
+            module = getattr(get_submodule(self.meta_base, parent), name, None)
+            if module is not None:
+                out.append((path, module))
+        return out
+
+    # ------------------------------------------------------------------------------------------------- naming
+    def hf_prefix(self, path: str) -> str:
+        return f"{self.base_prefix}.{path}." if path else f"{self.base_prefix}."
+
+
+def materialize(module: nn.Module, init_owner: nn.Module, source=None, hf_names: Mapping[str, str] | None = None,
+                seed: int | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """Turn a meta ``module`` into a real one on ``device``.
+
+    Parameters and persistent buffers named in ``hf_names`` (local name -> HF name) are read from ``source`` (an
+    object with ``get(hf_name) -> Tensor | None``); everything else -- non-persistent buffers included -- is
+    initialised by the family's ``_init_weights`` (``init_owner`` is the meta task model), under ``seed`` so that a
+    layer's random init does not depend on which rank builds it.
+    """
+    module = module.to_empty(device=device)
+    loaded = set()
+    if source is not None and hf_names:
+        state = dict(module.named_parameters())
+        state.update(dict(module.named_buffers()))
+        with torch.no_grad():
+            for local, hf_name in hf_names.items():
+                tensor = source.get(hf_name)
+                if tensor is None:
+                    continue
+                target = state[local]
+                if tuple(tensor.shape) != tuple(target.shape):
+                    raise ValueError(
+                        f"weight {hf_name!r} has shape {tuple(tensor.shape)} in the source but the model config gives "
+                        f"{tuple(target.shape)}; the checkpoint does not match this config."
+                    )
+                if tensor.dtype != target.dtype:
+                    target.data = torch.empty_like(target, dtype=tensor.dtype)
+                target.data.copy_(tensor)
+                target._is_hf_initialized = True
+                loaded.add(local)
+    names = {id(t): n for n, t in list(module.named_parameters()) + list(module.named_buffers())}
+    fork = torch.random.fork_rng(devices=[]) if seed is not None else _nullcontext()
+    with fork, torch.no_grad():
+        if seed is not None:
+            torch.manual_seed(seed)
+        for sub in module.modules():
+            own = list(sub.parameters(recurse=False)) + [b for b in sub.buffers(recurse=False) if b is not None]
+            if own and all(names.get(id(t)) in loaded for t in own):
+                continue
+            init_owner._init_weights(sub)
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if hasattr(tensor, "_is_hf_initialized"):
+            del tensor._is_hf_initialized
+    return module
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

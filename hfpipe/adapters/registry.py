@@ -1,0 +1,39 @@
+"""Adapters keyed by ``config.model_type``; families with ``base_model_pp_plan`` need no entry."""
+
+from __future__ import annotations
+
+from .base import Adapter, UnsupportedModelError
+from .pp_plan import VERIFIED_FAMILIES, PPPlanAdapter
+
+_REGISTRY: dict[str, type[Adapter]] = {}
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator: make ``cls`` the adapter for each of ``cls.model_types``."""
+    if not cls.model_types:
+        raise ValueError(f"{cls.__name__}.model_types is empty; list the config.model_type values it handles.")
+    for model_type in cls.model_types:
+        _REGISTRY[model_type] = cls
+    return cls
+
+
+def supported_families() -> dict[str, str]:
+    """``model_type -> how it is handled`` for every family hfpipe knows (hand adapters and verified plans)."""
+    out = {t: cls.__name__ for t, cls in _REGISTRY.items()}
+    for t in VERIFIED_FAMILIES:
+        out.setdefault(t, "base_model_pp_plan (automatic)")
+    return dict(sorted(out.items()))
+
+
+def get_adapter(config, model_class: type, meta_model) -> Adapter:
+    model_type = getattr(config, "model_type", None)
+    if model_type in _REGISTRY:
+        return _REGISTRY[model_type](config, model_class, meta_model)
+    if getattr(config, "base_model_pp_plan", None):
+        return PPPlanAdapter(config, model_class, meta_model)
+    raise UnsupportedModelError(
+        f"model_type {model_type!r} is not supported: it has no hfpipe adapter and its transformers config declares no "
+        f"base_model_pp_plan. Supported: {', '.join(supported_families())}, and any family with a "
+        "base_model_pp_plan. To add one, subclass hfpipe.adapters.Adapter (set layers_path, embed_path, final_paths, "
+        "...) and decorate it with @hfpipe.adapters.register_adapter."
+    )

@@ -1,0 +1,112 @@
+"""Stage boundaries as pure functions over per-layer weights. No torch.distributed here.
+
+A partition is DeepSpeed's ``parts`` list: ``parts[s]`` is the first layer of stage ``s`` and ``parts[-1]`` the
+number of layers. Some layer pairs must stay on one stage (e.g. the final norm and the head, whose pooled output is
+a float that must not cross a boundary); ``cut_allowed[i]`` says whether a stage may start at layer ``i``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+
+class PartitionError(ValueError):
+    pass
+
+
+def _check(num_layers: int, num_stages: int, cut_allowed: Sequence[bool]) -> list[int]:
+    if num_stages < 1:
+        raise PartitionError(f"num_stages={num_stages}; expected a positive integer.")
+    if len(cut_allowed) != num_layers:
+        raise PartitionError(f"cut_allowed has {len(cut_allowed)} entries for {num_layers} layers.")
+    cuts = [i for i in range(1, num_layers) if cut_allowed[i]]
+    if len(cuts) < num_stages - 1:
+        raise PartitionError(
+            f"num_stages={num_stages} needs {num_stages - 1} stage boundaries but this model allows only {len(cuts)}; "
+            f"use num_stages <= {len(cuts) + 1}."
+        )
+    return cuts
+
+
+def min_max_partition(weights: Sequence[float], num_stages: int, cut_allowed: Sequence[bool] | None = None) -> list[int]:
+    """Contiguous split into exactly ``num_stages`` non-empty stages minimising the heaviest stage (exact DP).
+
+    Among optimal splits, ties are broken towards the lexicographically smallest ``parts`` list for determinism.
+    O(p * n^2) on n layers, n is at most a few hundred.
+    """
+    n = len(weights)
+    if cut_allowed is None:
+        cut_allowed = [True] * n
+    _check(n, num_stages, cut_allowed)
+    prefix = [0.0]
+    for w in weights:
+        prefix.append(prefix[-1] + float(w))
+    starts = [0] + [i for i in range(1, n) if cut_allowed[i]]
+    inf = float("inf")
+    # best[s][j]: minimal max over splitting layers [0, starts_j) ... we index by layer position instead.
+    positions = starts + [n]
+    index = {pos: k for k, pos in enumerate(positions)}
+    best = [[inf] * len(positions) for _ in range(num_stages + 1)]
+    back = [[-1] * len(positions) for _ in range(num_stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, num_stages + 1):
+        for j in range(1, len(positions)):
+            end = positions[j]
+            for i in range(j):
+                if best[s - 1][i] == inf:
+                    continue
+                cost = max(best[s - 1][i], prefix[end] - prefix[positions[i]])
+                if cost < best[s][j] - 1e-12 * max(1.0, abs(cost)):
+                    best[s][j], back[s][j] = cost, i
+    last = index[n]
+    if best[num_stages][last] == inf:
+        raise PartitionError(f"cannot split {n} layers into {num_stages} non-empty stages.")
+    parts = [n]
+    j = last
+    for s in range(num_stages, 0, -1):
+        j = back[s][j]
+        parts.append(positions[j])
+    return parts[::-1]
+
+
+def uniform(num_layers: int, num_stages: int, cut_allowed: Sequence[bool] | None = None) -> list[int]:
+    """DeepSpeed's ``uniform``: balance the number of layers per stage."""
+    return min_max_partition([1.0] * num_layers, num_stages, cut_allowed)
+
+
+def by_type(names: Sequence[str], pattern: str, num_stages: int, cut_allowed: Sequence[bool] | None = None) -> list[int]:
+    """DeepSpeed's ``type:<regex>``: balance the layers whose class name matches ``pattern`` (case-insensitive)."""
+    regex = re.compile(pattern, re.IGNORECASE)
+    weights = [1.0 if regex.search(name) else 0.0 for name in names]
+    if not any(weights):
+        raise PartitionError(f"partition method 'type:{pattern}' matches no layer; layer types are {sorted(set(names))}.")
+    return min_max_partition(weights, num_stages, cut_allowed)
+
+
+def from_boundaries(boundaries: Sequence[int], num_layers: int, num_stages: int,
+                    cut_allowed: Sequence[bool] | None = None) -> list[int]:
+    """Explicit boundaries: the first layer of each stage ``[0, b1, ..., b_{p-1}]`` (or with ``num_layers`` last)."""
+    parts = [int(b) for b in boundaries]
+    if parts and parts[-1] != num_layers:
+        parts.append(num_layers)
+    if len(parts) != num_stages + 1 or parts[0] != 0:
+        raise PartitionError(
+            f"manual partition {list(boundaries)} must list the first layer of each of the {num_stages} stages, "
+            f"starting with 0 (e.g. {uniform(num_layers, num_stages)[:-1]}); the model has {num_layers} layers."
+        )
+    if any(b >= a for a, b in zip(parts[1:], parts[:-1])):
+        raise PartitionError(f"manual partition {list(boundaries)} must be strictly increasing (no empty stage).")
+    if cut_allowed is not None:
+        bad = [b for b in parts[1:-1] if not cut_allowed[b]]
+        if bad:
+            raise PartitionError(f"manual partition cuts at layer(s) {bad}, which must stay on the stage of the layer "
+                                 "before them (e.g. the head after the final norm).")
+    return parts
+
+
+def stage_of(parts: Sequence[int], layer: int) -> int:
+    for s in range(len(parts) - 1):
+        if parts[s] <= layer < parts[s + 1]:
+            return s
+    raise IndexError(layer)

@@ -1,0 +1,287 @@
+"""``to_pipeline``: an HF model (or config + class) -> ``deepspeed.pipe.PipelineModule``.
+
+The layer list of a family is fixed (it does not depend on the stage count or on where cuts fall), so checkpoints
+written at one stage count load at another. ``HFPipelineModule`` computes the stage boundaries itself -- from
+parameter counts read off meta-device copies, explicit boundaries, or the cost model -- because DeepSpeed's own
+``_partition_layers`` accepts only three strings and its ``parameters`` method builds every layer on every rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from torch import nn
+
+from . import partition as partition_lib
+from .adapters import get_adapter
+from .adapters.base import UnsupportedModelError
+from .heads import CAUSAL_LM, SEQUENCE_CLASSIFICATION, Head, PipelineLoss, TiedLMHead, head_for_class, task_shell
+from .layers import Block, BodyShell, Final, TokenEmbedding
+
+TIE_KEY = "embed"
+
+
+class StateDictSource:
+    """Weights from an in-memory state dict (an HF model the user already holds)."""
+
+    def __init__(self, state_dict: dict[str, torch.Tensor]):
+        self.state_dict = state_dict
+
+    def get(self, name: str):
+        return self.state_dict.get(name)
+
+
+@dataclass
+class LayerInfo:
+    spec: Any
+    name: str  # class name, used by ``type:`` partitioning and plans
+    kind: str  # embedding | block | final | head
+    cut_allowed: bool  # may a stage start at this layer?
+    num_params: int  # parameters this layer owns (tied copies count once)
+
+
+class PipelineBuilder:
+    """Everything a layer needs to build itself on the rank that owns it (passed as a ``LayerSpec`` argument)."""
+
+    def __init__(self, adapter, head, source=None, seed: int | None = 1234, device="cpu"):
+        self.adapter = adapter
+        self.head = head
+        self.source = source
+        self.seed = seed
+        self.device = device
+        self.init_owner = adapter.meta_model
+        # decoder sequence classification pools on the last non-pad *input id*, so the ids travel to the head
+        self.carry_input_ids = head is SEQUENCE_CLASSIFICATION and adapter.causal
+        self.tied = head is CAUSAL_LM and adapter.embed_path is not None and _is_tied(adapter.meta_model)
+
+    def layer_seed(self, index: int) -> int | None:
+        return None if self.seed is None else self.seed + index
+
+    @staticmethod
+    def meta_copy(module: nn.Module) -> nn.Module:
+        return copy.deepcopy(module)
+
+    def layers(self) -> list[LayerInfo]:
+        a = self.adapter
+        infos: list[LayerInfo] = []
+
+        def count(module):
+            return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+        if a.embed_path:
+            embed = a.meta_base.get_submodule(a.embed_path)
+            spec = (TiedLayerSpec(TIE_KEY, TokenEmbedding, self, 0, tied_weight_attr=["embed.weight"]) if self.tied
+                    else LayerSpec(TokenEmbedding, self, 0))
+            infos.append(LayerInfo(spec, "TokenEmbedding", "embedding", True, count(embed)))
+            infos.append(LayerInfo(LayerSpec(BodyShell, self, 1), "BodyShell", "embedding", False, count(a.body_shell())))
+        else:
+            infos.append(LayerInfo(LayerSpec(BodyShell, self, 0), "BodyShell", "embedding", True, count(a.body_shell())))
+        blocks = a.meta_base.get_submodule(a.layers_path)
+        for b in range(len(blocks)):
+            idx = len(infos)
+            infos.append(LayerInfo(LayerSpec(Block, self, idx, b), "Block", "block", True, count(blocks[b])))
+        final_params = sum(count(m) for _, m in a.final_modules())
+        if self.head.uses_pooler and a.pooler_path:
+            final_params += count(getattr(a.meta_base, a.pooler_path, None))
+        infos.append(LayerInfo(LayerSpec(Final, self, len(infos)), "Final", "final", True, final_params))
+        if self.tied:
+            spec = TiedLayerSpec(TIE_KEY, TokenEmbedding, self, 0, forward_fn=TiedLMHead(self),
+                                 tied_weight_attr=["embed.weight"])
+            infos.append(LayerInfo(spec, "TiedLMHead", "head", False, 0))
+        else:
+            shell = task_shell(a)
+            infos.append(LayerInfo(LayerSpec(Head, self, len(infos)), "Head", "head", False, count(shell)))
+        return infos
+
+
+def _is_tied(meta_model) -> bool:
+    out, inp = meta_model.get_output_embeddings(), meta_model.get_input_embeddings()
+    return out is not None and inp is not None and out.weight is inp.weight
+
+
+def compute_parts(method, infos: Sequence[LayerInfo], num_stages: int, num_blocks: int, model_name: str) -> list[int]:
+    """Stage boundaries for ``method`` (string, or a list of first-layer indices)."""
+    if num_stages > num_blocks:
+        raise ValueError(
+            f"num_stages={num_stages} exceeds the {num_blocks} transformer blocks of this {model_name}; "
+            f"use num_stages <= {num_blocks}."
+        )
+    cut_allowed = [i.cut_allowed for i in infos]
+    if not isinstance(method, str):
+        return partition_lib.from_boundaries(method, len(infos), num_stages, cut_allowed)
+    m = method.lower()
+    if m == "uniform":
+        return partition_lib.uniform(len(infos), num_stages, cut_allowed)
+    if m == "parameters":
+        return partition_lib.min_max_partition([i.num_params for i in infos], num_stages, cut_allowed)
+    if m.startswith("type:"):
+        return partition_lib.by_type([i.name for i in infos], method.split(":", 1)[1], num_stages, cut_allowed)
+    raise ValueError(
+        f"partition_method={method!r} is not supported; use 'uniform', 'parameters', 'type:<regex>' or a list of "
+        "the first layer index of each stage (e.g. [0, 5, 9])."
+    )
+
+
+class HFPipelineModule(PipelineModule):
+    """A ``PipelineModule`` over an HF model that knows its HF names and partitions without building layers."""
+
+    def __init__(self, builder: PipelineBuilder, infos: list[LayerInfo], parts: list[int], **kwargs):
+        self.hfpipe_builder = builder
+        self.layer_infos = infos
+        self._hfpipe_parts = parts
+        super().__init__(layers=[i.spec for i in infos], partition_method="hfpipe", **kwargs)
+
+    def _partition_layers(self, method="hfpipe"):
+        self.parts = list(self._hfpipe_parts)
+        stage_id = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
+
+    # ------------------------------------------------------------------------------------------------ metadata
+    @property
+    def adapter(self):
+        return self.hfpipe_builder.adapter
+
+    @property
+    def head(self):
+        return self.hfpipe_builder.head
+
+    @property
+    def config(self):
+        return self.adapter.config
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return self.adapter.input_names
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return self.head.label_names
+
+    def local_layers(self) -> Iterator[tuple[int, nn.Module, str]]:
+        """``(global layer index, module, name prefix in this module's state)`` for layers on this stage."""
+        for local, func in enumerate(self.forward_funcs):
+            idx = self._local_start + local
+            spec = self._layer_specs[idx]
+            if isinstance(spec, TiedLayerSpec):
+                yield idx, self.tied_modules[spec.key], f"tied_modules.{spec.key}."
+            else:
+                yield idx, func, f"{idx}."
+
+    def hf_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(HF state-dict name, parameter)`` for every parameter on this stage (tied copies once)."""
+        seen = set()
+        for _, module, _ in self.local_layers():
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            params = dict(module.named_parameters())
+            for local, hf in module.hf_names().items():
+                if local in params:
+                    yield hf, params[local]
+
+
+def _ensure_distributed() -> None:
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    if "WORLD_SIZE" not in os.environ:  # a plain `python script.py`: one process, one stage
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(port)})
+    os.environ.setdefault("LOCAL_RANK", "0")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def resolve_model(model, model_class=None):
+    """``(config, concrete model class, source or None)`` from an HF model or a config (+ class)."""
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        return model.config, type(model), StateDictSource(model.state_dict())
+    if isinstance(model, PretrainedConfig):
+        if model_class is None:
+            raise ValueError("to_pipeline(config) needs model_class=, e.g. transformers.AutoModelForCausalLM.")
+        mapping = getattr(model_class, "_model_mapping", None)
+        if mapping is not None:
+            try:
+                model_class = mapping[type(model)]
+            except KeyError:
+                raise UnsupportedModelError(
+                    f"{model_class.__name__} has no model for config type {type(model).__name__} "
+                    f"(model_type={model.model_type!r})."
+                ) from None
+        return model, model_class, None
+    if isinstance(model, (str, os.PathLike)):
+        from .checkpoint import resolve_pretrained
+
+        return resolve_pretrained(model, model_class)
+    raise TypeError(f"to_pipeline expects a PreTrainedModel, a PretrainedConfig or a path; got {type(model).__name__}.")
+
+
+def build_meta_model(config, model_class):
+    config = copy.deepcopy(config)
+    with torch.device("meta"):
+        meta = model_class._from_config(config)
+    return meta
+
+
+def prepare(model, model_class=None, *, seed: int | None = 1234, device="cpu", source=None):
+    """The builder for ``model`` without touching torch.distributed (used by ``to_pipeline`` and ``plan``)."""
+    config, model_class, found_source = resolve_model(model, model_class)
+    meta = build_meta_model(config, model_class)
+    adapter = get_adapter(meta.config, model_class, meta)
+    head = head_for_class(model_class)
+    return PipelineBuilder(adapter, head, source if source is not None else found_source, seed=seed, device=device)
+
+
+def to_pipeline(model, *, num_stages: int | None = None, topology=None, partition_method="parameters",
+                activation_checkpoint_interval: int = 0, model_class=None, dtype: torch.dtype | None = None,
+                seed: int | None = 1234, loss_fn=None, **pipeline_kwargs) -> HFPipelineModule:
+    """Convert an HF model into a ``deepspeed.pipe.PipelineModule``.
+
+    Args:
+        model: an HF task model instance (``AutoModelForCausalLM.from_pretrained(...)``, ...), or a config together
+            with ``model_class`` (built without weights, initialised like HF), or a folder / Hub id (weights are read
+            stage-locally from safetensors).
+        num_stages: pipeline stages; the world size must be a multiple (the rest is data parallelism).
+        partition_method: ``"parameters"``, ``"uniform"``, ``"type:<regex>"`` or a list with the first layer index
+            of each stage.
+        activation_checkpoint_interval: checkpoint every N layers (only blocks are checkpointed).
+        dtype: cast floating-point parameters after loading.
+        seed: per-layer seed for random initialisation (identical at any stage count).
+
+    ``torch.distributed`` is initialised through ``deepspeed.init_distributed()`` if it is not yet (gloo on CPU).
+    """
+    if num_stages is None and topology is None:
+        raise ValueError("to_pipeline needs num_stages= (or a DeepSpeed topology=).")
+    builder = prepare(model, model_class, seed=seed)
+    infos = builder.layers()
+    stages = num_stages if num_stages is not None else topology.get_dim("pipe")
+    parts = compute_parts(partition_method, infos, stages, builder.adapter.num_blocks,
+                          builder.adapter.model_class.__name__)
+    _ensure_distributed()
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    if topology is None and world % stages:
+        raise ValueError(f"num_stages={stages} must divide the world size {world} (the rest is data parallelism); "
+                         f"launch a multiple of {stages} processes.")
+    pipe = HFPipelineModule(builder, infos, parts, num_stages=num_stages, topology=topology,
+                            loss_fn=loss_fn or PipelineLoss(builder.head, builder.adapter.config),
+                            activation_checkpoint_interval=activation_checkpoint_interval,
+                            checkpointable_layers=["Block"], **pipeline_kwargs)
+    if dtype is not None:
+        for p in pipe.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+    return pipe

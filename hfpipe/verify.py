@@ -1,0 +1,336 @@
+"""``hfpipe verify``: prove that the pipeline trains exactly like the HF model.
+
+One seeded training step runs through the pipeline on ``stages x dp`` CPU ranks (gloo, real DeepSpeed
+``PipelineEngine.train_batch`` with its 1F1B schedule, micro-batches, tied-weight all-reduce and data-parallel
+all-reduce) and through the HF model in this process on the whole batch. Loss, last-stage logits and every
+parameter gradient (mapped back to HF names) are compared. The gradients are captured by a recording optimizer at
+the moment DeepSpeed steps, i.e. after every reduction.
+
+Dropout is switched off in both (every ``*dropout*``/``*pdrop*`` config value set to 0) so the two runs see the same
+function. Pass criteria: fp32 -- relative loss error and ``max_rel_grad_err`` (max over parameters of
+``||g_pipe - g_hf|| / ||g_hf||``, with ``||g_hf||`` floored at 1e-3 of the largest parameter gradient norm so that
+gradients that are zero in exact arithmetic, such as an attention key bias, do not divide round-off by round-off)
+both <= 1e-5; bf16 -- both <= 2e-2 (bf16 keeps 8 bits of mantissa and the
+pipeline sums micro-batch gradients in a different order than one big batch).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def zero_dropout(config):
+    """A copy of ``config`` with every dropout probability set to 0."""
+    config = copy.deepcopy(config)
+    for key, value in list(vars(config).items()):
+        lowered = key.lower()
+        if isinstance(value, float) and ("dropout" in lowered or "pdrop" in lowered) and value > 0:
+            setattr(config, key, 0.0)
+    return config
+
+
+@dataclass
+class ModelSpec:
+    """A picklable recipe that builds the same HF model in any process."""
+
+    class_name: str
+    path: str | None = None
+    config: dict | None = None
+    seed: int = 0
+    dtype: str = "fp32"
+    overrides: dict = field(default_factory=dict)
+
+    def model_class(self):
+        import transformers
+
+        return getattr(transformers, self.class_name)
+
+    def hf_config(self):
+        from transformers import AutoConfig
+
+        if self.path is not None:
+            config = AutoConfig.from_pretrained(self.path)
+        else:
+            d = dict(self.config)
+            config = AutoConfig.for_model(d.pop("model_type"), **d)
+        for k, v in self.overrides.items():
+            setattr(config, k, v)
+        return zero_dropout(config)
+
+    def build(self):
+        config = self.hf_config()
+        cls = self.model_class()
+        if self.path is not None:
+            model = cls.from_pretrained(self.path, config=config, dtype=DTYPES[self.dtype])
+        else:
+            torch.manual_seed(self.seed)
+            model = cls._from_config(config)
+            model = model.to(DTYPES[self.dtype])
+        model.train()
+        return model
+
+
+def model_spec_from_dir(path: str, dtype: str = "fp32") -> ModelSpec:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    archs = getattr(config, "architectures", None) or []
+    if not archs:
+        raise ValueError(f"{path}/config.json lists no `architectures`; save the model with save_pretrained() of a "
+                         "task class (e.g. LlamaForCausalLM) so hfpipe knows which head to build.")
+    return ModelSpec(class_name=archs[0], path=str(path), dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------------- batches
+def make_batch(config, head_name: str, batch_size: int = 4, seq_len: int = 16, seed: int = 0,
+               padding: str = "right") -> dict[str, torch.Tensor]:
+    """A random padded batch with labels for ``head_name``; lengths vary per example (``padding``: right|left)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = config.vocab_size
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    ids = torch.randint(1, vocab, (batch_size, seq_len), generator=g)
+    ids[ids == pad] = (pad + 1) % vocab
+    lengths = [max(2, seq_len - (i * 3) % max(1, seq_len // 2)) for i in range(batch_size)]
+    mask = torch.zeros(batch_size, seq_len, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        if padding == "left":
+            mask[i, seq_len - n:] = 1
+        else:
+            mask[i, :n] = 1
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad))
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if head_name == "causal-lm":
+        batch["labels"] = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    elif head_name == "token-classification":
+        labels = torch.randint(0, config.num_labels, (batch_size, seq_len), generator=g)
+        skip = torch.rand(batch_size, seq_len, generator=g) < 0.2  # e.g. non-first sub-tokens
+        batch["labels"] = torch.where(mask.bool() & ~skip, labels, torch.full_like(labels, -100))
+    elif head_name == "sequence-classification":
+        if config.num_labels == 1:
+            batch["labels"] = torch.randn(batch_size, generator=g)
+        else:
+            batch["labels"] = torch.randint(0, config.num_labels, (batch_size,), generator=g)
+    elif head_name == "question-answering":
+        starts = torch.tensor([int(torch.randint(0, n, (1,), generator=g)) for n in lengths])
+        ends = torch.tensor([min(n - 1, int(s) + int(torch.randint(0, 3, (1,), generator=g)))
+                             for s, n in zip(starts, lengths)])
+        if padding == "left":
+            starts = starts + torch.tensor([seq_len - n for n in lengths])
+            ends = ends + torch.tensor([seq_len - n for n in lengths])
+        batch["start_positions"], batch["end_positions"] = starts, ends
+    else:
+        raise ValueError(f"unknown head {head_name!r}")
+    return batch
+
+
+def load_inputs(path: str) -> dict[str, torch.Tensor]:
+    """A user batch from ``.pt`` (dict of tensors) or ``.json`` (dict of nested lists)."""
+    if path.endswith(".pt"):
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    elif path.endswith(".json"):
+        with open(path) as f:
+            data = {k: torch.tensor(v) for k, v in json.load(f).items()}
+    else:
+        raise ValueError(f"--inputs {path}: expected a .pt or .json file holding a dict of input_ids, attention_mask "
+                         "and the head's label fields.")
+    if "input_ids" not in data:
+        raise ValueError(f"--inputs {path} has no input_ids (keys: {sorted(data)}).")
+    return data
+
+
+# ------------------------------------------------------------------------------------------------------ per rank
+class GradRecorder(torch.optim.Optimizer):
+    """An optimizer that records each parameter's gradient when DeepSpeed steps (and changes nothing)."""
+
+    def __init__(self, params):
+        super().__init__(list(params), {"lr": 0.0})
+        self.grads: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.grads[id(p)] = p.grad.detach().clone()
+
+
+def ds_config(batch_size: int, micro_batches: int, dp: int) -> dict:
+    return {"train_batch_size": batch_size, "train_micro_batch_size_per_gpu": batch_size // (micro_batches * dp),
+            "gradient_accumulation_steps": micro_batches, "steps_per_print": 10**9, "gradient_clipping": 0.0}
+
+
+def rank_step(spec: ModelSpec, batch: dict, stages: int, micro_batches: int, partition="parameters",
+              activation_checkpoint_interval: int = 0) -> dict:
+    """Runs on every rank: one eval pass (logits) and one train step (loss, gradients) through the pipeline."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from .data import micro_batches as split
+    from .pipeline import to_pipeline
+
+    model = spec.build()
+    pipe = to_pipeline(model, num_stages=stages, partition_method=partition,
+                       activation_checkpoint_interval=activation_checkpoint_interval)
+    del model
+    recorder = GradRecorder(pipe.parameters())
+    dp = dist.get_world_size() // stages
+    batch_size = batch["input_ids"].shape[0]
+    engine, *_ = deepspeed.initialize(model=pipe, optimizer=recorder, config=ds_config(batch_size, micro_batches, dp))
+    dp_rank = engine.grid.data_parallel_id
+    data = split(batch, pipe, micro_batches, dp_rank, dp)
+    outputs = engine.eval_batch(iter(data), compute_loss=False, reduce_output=None)
+    loss = engine.train_batch(iter(data))
+    result: dict[str, Any] = {"stage": engine.stage_id, "dp_rank": dp_rank, "loss": float(loss),
+                              "parts": list(pipe.parts), "logits": None, "grads": {}}
+    if engine.is_last_stage():
+        if isinstance(outputs[0], (tuple, list)):
+            result["logits"] = tuple(torch.cat([o[i] for o in outputs]).float() for i in range(len(outputs[0])))
+        else:
+            result["logits"] = torch.cat(list(outputs)).float()
+    if dp_rank == 0:
+        result["grads"] = {name: recorder.grads[id(p)].float() for name, p in pipe.hf_named_parameters()
+                           if id(p) in recorder.grads}
+        result["params"] = [name for name, _ in pipe.hf_named_parameters()]
+    del engine, pipe
+    return result
+
+
+# -------------------------------------------------------------------------------------------------------- compare
+def reference(spec: ModelSpec, batch: dict) -> dict:
+    """The HF model on the whole batch: loss, logits, gradients by name."""
+    from .heads import head_for_class
+
+    model = spec.build()
+    head = head_for_class(type(model))
+    out = model(**batch)
+    out.loss.backward()
+    logits = (out.start_logits.float(), out.end_logits.float()) if head.name == "question-answering" \
+        else out.logits.float()
+    grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+    return {"loss": float(out.loss.detach()), "logits": logits, "grads": grads,
+            "params": [n for n, _ in model.named_parameters()], "head": head.name}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
+    den = max(float(b.norm()), floor)
+    num = float((a - b).norm())
+    return num / den if den > 0 else num
+
+
+def compare(ref: dict, per_rank: list[dict], dtype: str = "fp32") -> dict:
+    """The verdict: errors per quantity and ``passed``."""
+    grads: dict[str, torch.Tensor] = {}
+    pipe_params: set[str] = set()
+    logits_parts = []
+    for r in per_rank:
+        grads.update(r["grads"])
+        pipe_params.update(r.get("params", []))
+        if r["logits"] is not None:
+            logits_parts.append((r["dp_rank"], r["logits"]))
+    logits_parts.sort(key=lambda x: x[0])
+    if isinstance(logits_parts[0][1], tuple):
+        logits = tuple(torch.cat([p[1][i] for p in logits_parts]) for i in range(len(logits_parts[0][1])))
+        ref_logits = ref["logits"]
+    else:
+        logits = (torch.cat([p[1] for p in logits_parts]),)
+        ref_logits = (ref["logits"],)
+    loss_pipe = per_rank[0]["loss"]
+    # Gradients that are zero in exact arithmetic (an attention key bias: softmax ignores a per-query constant) are
+    # pure round-off in both runs; their norm is floored at 1e-3 of the largest parameter gradient's norm.
+    floor = 1e-3 * max((float(g.norm()) for g in ref["grads"].values()), default=0.0)
+    rows = []
+    for name in ref["params"]:
+        g_hf = ref["grads"].get(name)
+        g_pp = grads.get(name)
+        if name not in pipe_params:
+            rows.append({"name": name, "rel_err": math.inf, "max_abs_err": math.inf, "note": "missing in pipeline"})
+            continue
+        if g_hf is None and g_pp is None:
+            continue
+        g_hf = torch.zeros_like(g_pp) if g_hf is None else g_hf
+        g_pp = torch.zeros_like(g_hf) if g_pp is None else g_pp
+        rows.append({"name": name, "rel_err": _rel(g_pp, g_hf, floor), "max_abs_err": float((g_pp - g_hf).abs().max())})
+    extra = sorted(pipe_params - set(ref["params"]))
+    for name in extra:
+        rows.append({"name": name, "rel_err": math.inf, "max_abs_err": math.inf, "note": "not in the HF model"})
+    tol = TOLERANCE[dtype]
+    loss_rel = abs(loss_pipe - ref["loss"]) / max(abs(ref["loss"]), 1e-12)
+    max_rel = max((r["rel_err"] for r in rows), default=0.0)
+    logits_abs = max(float((a - b).abs().max()) for a, b in zip(logits, ref_logits))
+    logits_rel = max(_rel(a, b) for a, b in zip(logits, ref_logits))
+    passed = loss_rel <= tol and max_rel <= tol and logits_rel <= tol
+    return {"passed": bool(passed), "loss_hf": ref["loss"], "loss_pipeline": loss_pipe, "loss_rel_err": loss_rel,
+            "max_rel_grad_err": max_rel, "logits_max_abs_err": logits_abs, "logits_rel_err": logits_rel,
+            "tolerance": tol, "num_params": len(rows), "parts": per_rank[0]["parts"],
+            "worst": sorted(rows, key=lambda r: -r["rel_err"])[:5]}
+
+
+def verify(spec: ModelSpec, *, stages: int, micro_batches: int = 4, batch_size: int = 8, seq_len: int = 16,
+           dp: int = 1, partition="parameters", activation_checkpoint_interval: int = 0, batch: dict | None = None,
+           padding: str = "right", pool=None) -> dict:
+    """Run the comparison; ``pool`` (a :class:`hfpipe.launch.DistributedPool` of ``stages*dp`` ranks) is created
+    and closed here when not given."""
+    from .launch import DistributedPool
+
+    if batch is None:
+        from .heads import head_for_class
+
+        head = head_for_class(spec.model_class())
+        batch = make_batch(spec.hf_config(), head.name, batch_size, seq_len, padding=padding)
+    ref = reference(spec, batch)
+    own = pool is None
+    if own:
+        pool = DistributedPool(stages * dp)
+    try:
+        if pool.world_size != stages * dp:
+            raise ValueError(f"pool has {pool.world_size} ranks, the run needs stages x dp = {stages * dp}.")
+        per_rank = pool.run(rank_step, spec, batch, stages, micro_batches, partition, activation_checkpoint_interval)
+    finally:
+        if own:
+            pool.close()
+    report = compare(ref, per_rank, spec.dtype)
+    report.update({"stages": stages, "dp": dp, "micro_batches": micro_batches, "dtype": spec.dtype,
+                   "batch_size": int(batch["input_ids"].shape[0]), "seq_len": int(batch["input_ids"].shape[1]),
+                   "model": spec.path or spec.class_name})
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [
+        f"hfpipe verify: {report['model']}  stages={report['stages']} dp={report['dp']} "
+        f"micro_batches={report['micro_batches']} batch={report['batch_size']}x{report['seq_len']} "
+        f"dtype={report['dtype']} partition={report['parts']}",
+        "",
+        f"{'quantity':<34}{'pipeline':>14}{'hf':>14}{'rel err':>12}",
+        f"{'loss':<34}{report['loss_pipeline']:>14.8f}{report['loss_hf']:>14.8f}{report['loss_rel_err']:>12.2e}",
+        f"{'last-stage logits (max abs ' + format(report['logits_max_abs_err'], '.1e') + ')':<62}"
+        f"{report['logits_rel_err']:>12.2e}",
+        f"{'gradients (max over ' + str(report['num_params']) + ' params)':<62}{report['max_rel_grad_err']:>12.2e}",
+        "",
+        "worst gradients:",
+    ]
+    for row in report["worst"]:
+        note = f"  ({row['note']})" if row.get("note") else ""
+        lines.append(f"  {row['name']:<58}{row['rel_err']:>12.2e}{note}")
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    lines.append("")
+    lines.append(f"{verdict}: tolerance {report['tolerance']:.0e} on relative loss, logits and gradient errors.")
+    return "\n".join(lines)
+
+
+def verify_dir(path: str, *, dtype: str = "fp32", inputs: str | None = None, **kwargs) -> dict:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is not a folder; hfpipe verify takes a folder written by save_pretrained().")
+    spec = model_spec_from_dir(path, dtype)
+    batch = load_inputs(inputs) if inputs else None
+    return verify(spec, batch=batch, **kwargs)

@@ -1,0 +1,43 @@
+"""Tiny configs for every supported family (2-4 blocks, hidden 32-64), shared by the tests."""
+
+from transformers import AutoConfig
+
+COMMON = dict(vocab_size=128, pad_token_id=0)
+
+DECODERS = {
+    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64),
+    "mistral": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=64, sliding_window=6),
+    "qwen2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, use_sliding_window=True, sliding_window=6,
+                  max_window_layers=2),
+    "gemma": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=64),
+    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                     max_position_embeddings=64, rotary_pct=0.5),
+    "gpt2": dict(n_embd=32, n_layer=4, n_head=4, n_positions=64),
+    "opt": dict(hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=64,
+                word_embed_proj_dim=32),
+}
+
+ENCODERS = {
+    "bert": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                 max_position_embeddings=64, type_vocab_size=2),
+    "roberta": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                    max_position_embeddings=64, type_vocab_size=1, pad_token_id=1),
+    "distilbert": dict(dim=32, hidden_dim=64, n_layers=4, n_heads=4, max_position_embeddings=64),
+    "deberta-v2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                       max_position_embeddings=64, relative_attention=True, position_buckets=8,
+                       max_relative_positions=16, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
+                       type_vocab_size=0),
+}
+
+FAMILIES = {**DECODERS, **ENCODERS}
+
+
+def tiny_config(model_type: str, **overrides):
+    kwargs = dict(COMMON)
+    kwargs.update(FAMILIES[model_type])
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
