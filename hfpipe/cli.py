@@ -78,6 +78,47 @@ def _families(p: argparse.ArgumentParser):
     return run
 
 
+# ---------------------------------------------------------------------------------------------------------- plan
+@command("plan", "show how a model would be split into stages: layers, params, FLOPs, memory and imbalance per stage")
+def _plan(p: argparse.ArgumentParser):
+    p.add_argument("model", help="a model folder or a config.json (no weights needed)")
+    p.add_argument("--stages", type=int, required=True, help="pipeline stages")
+    p.add_argument("--partition", default="balanced",
+                   help="balanced | balanced:blocks | parameters | uniform | type:<regex> | comma-separated first "
+                        "layer of each stage")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--micro-batches", type=int, default=None, help="micro-batches per step (default 4 x stages)")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel replicas (ZeRO-1 divides optimizer states)")
+    p.add_argument("--zero-stage", type=int, choices=[0, 1], default=0)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--attention", choices=["flash", "dense"], default="flash",
+                   help="flash: masked keys cost nothing (GPU kernels); dense: every query meets every key")
+    p.add_argument("--max-memory-gib", type=float, default=None, help="per-stage memory cap for balanced methods")
+    p.add_argument("--compare", action="store_true", help="all partition methods side by side")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON on the last line")
+
+    def run(args) -> int:
+        from .plan import compare, format_compare, format_plan, plan
+
+        kwargs = dict(stages=args.stages, seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
+                      micro_batches=args.micro_batches, dp=args.dp, zero_stage=args.zero_stage, dtype=args.dtype,
+                      activation_checkpointing=args.activation_checkpointing, attention_kernel=args.attention,
+                      memory_cap_gib=args.max_memory_gib)
+        if args.compare:
+            result = compare(args.model, **kwargs)
+            print(format_compare(result))
+        else:
+            result = plan(args.model, partition=parse_partition(args.partition), **kwargs)
+            print(format_plan(result))
+        if args.json:
+            _print_json_last(result)
+        return 0
+
+    return run
+
+
 # ---- more subcommands go above this line, one @command function each (plan, convert, export, ds-config, push) ----
 
 

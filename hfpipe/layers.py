@@ -178,3 +178,145 @@ class Final(PipeLayer):
             hidden = mod(hidden)
         pooled = self.pooler(hidden) if self.pooler is not None else hidden
         return (hidden, pooled, attention_mask, position_ids, *rest)
+
+
+# ------------------------------------------------------------------------------------------------- half-blocks
+#: The two halves of a standard pre-norm block ``h += attn(norm1(h)); h += mlp(norm2(h))``: the children each owns.
+HALF_BLOCK_CHILDREN = {"attention": ("input_layernorm", "self_attn"), "mlp": ("post_attention_layernorm", "mlp")}
+
+
+class _ZeroBranch(nn.Module):
+    """Stands in for the branch a half does not own. It returns exact zeros, so ``residual + branch`` is the residual
+    bit for bit and the family's own block ``forward`` runs unchanged (no re-implemented maths, no kwargs guessed)."""
+
+    def __init__(self, attention: bool):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, hidden_states, *args, **kwargs):
+        zeros = torch.zeros_like(hidden_states)
+        return (zeros, None) if self.attention else zeros
+
+
+def half_module(layer: nn.Module, part: str) -> nn.Module:
+    """A copy of block ``layer`` that computes only its ``part`` ("attention" | "mlp") half."""
+    from .adapters.base import copy_without
+
+    other = "mlp" if part == "attention" else "attention"
+    norm, branch = HALF_BLOCK_CHILDREN[other]
+    return copy_without(layer, {norm: nn.Identity(), branch: _ZeroBranch(other == "attention")})
+
+
+def _tiny_config(config):
+    """``config`` shrunk to a few thousand parameters (same family, same flags) for the half-block self-check."""
+    import copy
+
+    tiny = copy.deepcopy(config)
+    shrink = {"hidden_size": 16, "intermediate_size": 24, "moe_intermediate_size": 24,
+              "shared_expert_intermediate_size": 24, "num_attention_heads": 2, "num_key_value_heads": 1,
+              "head_dim": 8, "num_local_experts": 4, "num_experts": 4, "n_routed_experts": 4,
+              "num_experts_per_tok": 2}
+    for name, value in shrink.items():
+        if getattr(tiny, name, None) is not None:
+            setattr(tiny, name, value)
+    tiny._attn_implementation = "eager"
+    return tiny
+
+
+def _halves_match(block_class: type, config) -> bool:
+    """Numerical self-check on a tiny real instance: attention half then MLP half == the whole block."""
+    tiny = _tiny_config(config)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        with torch.device("cpu"):
+            try:
+                layer = block_class(tiny, 0)
+            except TypeError:
+                layer = block_class(tiny)
+        for p in layer.parameters():
+            p.normal_(0.0, 0.5)
+        layer.eval()
+        hidden = torch.randn(2, 5, tiny.hidden_size)
+        position_ids = torch.arange(5).unsqueeze(0).expand(2, 5)
+        rotary = (torch.randn(2, 5, 8), torch.randn(2, 5, 8))
+        kwargs = {"attention_mask": None, "position_ids": position_ids, "position_embeddings": rotary}
+        whole = layer(hidden, **kwargs)
+        attn = half_module(layer, "attention")(hidden, **kwargs)
+        attn = attn[0] if isinstance(attn, tuple) else attn
+        split = half_module(layer, "mlp")(attn)
+        whole = whole[0] if isinstance(whole, tuple) else whole
+        split = split[0] if isinstance(split, tuple) else split
+        return bool(torch.allclose(whole, split, rtol=1e-6, atol=1e-6)) and not torch.equal(whole, hidden)
+
+
+def supports_half_blocks(adapter) -> bool:
+    """Whether this family's blocks are split into an attention half and an MLP half (see :class:`HalfBlock`).
+
+    Decided once per family and configuration, never by where cuts fall: every block has exactly the children
+    ``input_layernorm, self_attn, post_attention_layernorm, mlp`` (Llama, Mistral, Qwen2, ...; not Gemma-2 with its
+    extra norms, nor parallel-residual GPT-NeoX) *and* running the two halves in a row gives the block's output on a
+    tiny real instance. An adapter may force the answer with a ``half_blocks = True/False`` class attribute.
+    """
+    forced = getattr(adapter, "half_blocks", None)
+    if forced is not None:
+        return bool(forced)
+    if not adapter.causal:
+        return False
+    blocks = adapter.meta_base.get_submodule(adapter.layers_path)
+    expected = {c for pair in HALF_BLOCK_CHILDREN.values() for c in pair}
+    if len(blocks) == 0 or any(set(dict(b.named_children())) != expected for b in blocks):
+        return False
+    try:
+        return all(_halves_match(cls, adapter.config) for cls in {type(b) for b in blocks})
+    except Exception:  # any family whose block cannot be built or called this way keeps whole blocks
+        return False
+
+
+class HalfBlock(PipeLayer):
+    """One half of a pre-norm block (``part`` = "attention" or "mlp"): only the hidden state crosses between the two
+    halves, so a stage boundary may fall inside a block. Parameters keep their HF names
+    (``model.layers.{i}.self_attn.q_proj.weight``, ...)."""
+
+    kind = "block"
+    part = ""
+
+    def __init__(self, builder, index: int, block_index: int):
+        super().__init__(builder, index)
+        a = self.adapter
+        self.block_index = block_index
+        self._prefix = a.hf_prefix(f"{a.layers_path}.{block_index}")
+        meta_layer = a.meta_base.get_submodule(a.layers_path)[block_index]
+        self.layer = self._materialize(half_module(meta_layer, self.part), "", self._prefix)
+
+    def hf_names(self):
+        return _prefixed(self.layer, "layer.", self._prefix)
+
+
+class AttentionHalfBlock(HalfBlock):
+    """``h + self_attn(input_layernorm(h))`` (with the block's mask and rotary embeddings, as the family computes)."""
+
+    part = "attention"
+
+    def __init__(self, builder, index: int, block_index: int):
+        super().__init__(builder, index, block_index)
+        self.aux = nn.Module()
+        for path in self.adapter.aux_paths:
+            meta_aux = self.adapter.meta_base.get_submodule(path)
+            setattr(self.aux, path.replace(".", "_"),
+                    materialize(builder.meta_copy(meta_aux), builder.init_owner, device=builder.device))
+
+    def forward(self, inputs):
+        hidden, attention_mask, position_ids, *rest = inputs
+        hidden = self.adapter.call_block(self, self.block_index, hidden, attention_mask, position_ids)
+        return (hidden, attention_mask, position_ids, *rest)
+
+
+class MLPHalfBlock(HalfBlock):
+    """``h + mlp(post_attention_layernorm(h))``."""
+
+    part = "mlp"
+
+    def forward(self, inputs):
+        hidden, *rest = inputs
+        out = self.layer(hidden)
+        return (out[0] if isinstance(out, tuple) else out, *rest)

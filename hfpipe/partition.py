@@ -8,7 +8,7 @@ a float that must not cross a boundary); ``cut_allowed[i]`` says whether a stage
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 class PartitionError(ValueError):
@@ -29,11 +29,13 @@ def _check(num_layers: int, num_stages: int, cut_allowed: Sequence[bool]) -> lis
     return cuts
 
 
-def min_max_partition(weights: Sequence[float], num_stages: int, cut_allowed: Sequence[bool] | None = None) -> list[int]:
+def min_max_partition(weights: Sequence[float], num_stages: int, cut_allowed: Sequence[bool] | None = None,
+                      feasible: Callable[[int, int, int], bool] | None = None) -> list[int]:
     """Contiguous split into exactly ``num_stages`` non-empty stages minimising the heaviest stage (exact DP).
 
-    Among optimal splits, ties are broken towards the lexicographically smallest ``parts`` list for determinism.
-    O(p * n^2) on n layers, n is at most a few hundred.
+    ``feasible(stage, start, stop)``, when given, says whether stage ``stage`` may own layers ``[start, stop)``
+    (e.g. a memory cap); the optimum is then taken over feasible splits only. Among optimal splits, ties are broken
+    towards the lexicographically smallest ``parts`` list for determinism. O(p * n^2) on n layers (a few hundred).
     """
     n = len(weights)
     if cut_allowed is None:
@@ -56,18 +58,50 @@ def min_max_partition(weights: Sequence[float], num_stages: int, cut_allowed: Se
             for i in range(j):
                 if best[s - 1][i] == inf:
                     continue
+                if feasible is not None and not feasible(s - 1, positions[i], end):
+                    continue
                 cost = max(best[s - 1][i], prefix[end] - prefix[positions[i]])
                 if cost < best[s][j] - 1e-12 * max(1.0, abs(cost)):
                     best[s][j], back[s][j] = cost, i
     last = index[n]
     if best[num_stages][last] == inf:
-        raise PartitionError(f"cannot split {n} layers into {num_stages} non-empty stages.")
+        why = " within the per-stage limit (e.g. the memory cap)" if feasible is not None else ""
+        raise PartitionError(f"cannot split {n} layers into {num_stages} non-empty stages{why}; use more stages, "
+                             "or raise the limit (more data-parallel ranks for ZeRO-1, activation checkpointing).")
     parts = [n]
     j = last
     for s in range(num_stages, 0, -1):
         j = back[s][j]
         parts.append(positions[j])
     return parts[::-1]
+
+
+def balanced(costs: Sequence[float], num_stages: int, cut_allowed: Sequence[bool] | None = None, *,
+             memory: Callable[[int, int, int], float] | None = None, memory_cap: float | None = None) -> list[int]:
+    """The ``balanced`` method: the contiguous split minimising the slowest stage's cost (exact, see
+    :func:`min_max_partition`), optionally with every stage's ``memory(stage, start, stop)`` <= ``memory_cap``.
+
+    ``costs`` is per-layer work (``hfpipe.costs``: forward+backward FLOPs, or measured seconds)."""
+    if any(c < 0 for c in costs):
+        raise PartitionError(f"layer costs must be >= 0; got {min(costs)}.")
+    feasible = None
+    if memory_cap is not None:
+        if memory is None:
+            raise PartitionError("memory_cap= needs memory=(stage, start, stop) -> bytes.")
+        feasible = lambda s, a, b: memory(s, a, b) <= memory_cap  # noqa: E731
+    return min_max_partition(costs, num_stages, cut_allowed, feasible)
+
+
+def stage_sums(weights: Sequence[float], parts: Sequence[int]) -> list[float]:
+    """Total weight of each stage of ``parts``."""
+    return [float(sum(weights[parts[s]:parts[s + 1]])) for s in range(len(parts) - 1)]
+
+
+def imbalance(weights: Sequence[float], parts: Sequence[int]) -> float:
+    """Max over mean stage weight (1.0 = perfectly even): the slowdown of a pipeline against an even split."""
+    sums = stage_sums(weights, parts)
+    mean = sum(sums) / len(sums)
+    return max(sums) / mean if mean > 0 else 1.0
 
 
 def uniform(num_layers: int, num_stages: int, cut_allowed: Sequence[bool] | None = None) -> list[int]:

@@ -22,7 +22,8 @@ from . import partition as partition_lib
 from .adapters import get_adapter
 from .adapters.base import UnsupportedModelError
 from .heads import CAUSAL_LM, SEQUENCE_CLASSIFICATION, Head, PipelineLoss, TiedLMHead, head_for_class, task_shell
-from .layers import Block, BodyShell, Final, TokenEmbedding
+from .layers import (HALF_BLOCK_CHILDREN, AttentionHalfBlock, Block, BodyShell, Final, MLPHalfBlock, TokenEmbedding,
+                     supports_half_blocks)
 
 TIE_KEY = "embed"
 
@@ -44,6 +45,8 @@ class LayerInfo:
     kind: str  # embedding | block | final | head
     cut_allowed: bool  # may a stage start at this layer?
     num_params: int  # parameters this layer owns (tied copies count once)
+    block: int | None = None  # HF block index (block layers)
+    part: str = "whole"  # "whole" block, or its "attention" / "mlp" half (families with half-blocks)
 
 
 class PipelineBuilder:
@@ -59,6 +62,9 @@ class PipelineBuilder:
         # decoder sequence classification pools on the last non-pad *input id*, so the ids travel to the head
         self.carry_input_ids = head is SEQUENCE_CLASSIFICATION and adapter.causal
         self.tied = head is CAUSAL_LM and adapter.embed_path is not None and _is_tied(adapter.meta_model)
+        # Fixed per family and config (never per stage count): blocks split into attention / MLP halves so that a
+        # stage boundary may fall inside a block (hfpipe.layers.supports_half_blocks).
+        self.half_blocks = supports_half_blocks(adapter)
 
     def layer_seed(self, index: int) -> int | None:
         return None if self.seed is None else self.seed + index
@@ -84,8 +90,14 @@ class PipelineBuilder:
             infos.append(LayerInfo(LayerSpec(BodyShell, self, 0), "BodyShell", "embedding", True, count(a.body_shell())))
         blocks = a.meta_base.get_submodule(a.layers_path)
         for b in range(len(blocks)):
+            if self.half_blocks:
+                for cls in (AttentionHalfBlock, MLPHalfBlock):
+                    n = sum(count(getattr(blocks[b], c)) for c in HALF_BLOCK_CHILDREN[cls.part])
+                    infos.append(LayerInfo(LayerSpec(cls, self, len(infos), b), cls.__name__, "block", True, n,
+                                           block=b, part=cls.part))
+                continue
             idx = len(infos)
-            infos.append(LayerInfo(LayerSpec(Block, self, idx, b), "Block", "block", True, count(blocks[b])))
+            infos.append(LayerInfo(LayerSpec(Block, self, idx, b), "Block", "block", True, count(blocks[b]), block=b))
         final_params = sum(count(m) for _, m in a.final_modules())
         if self.head.uses_pooler and a.pooler_path:
             final_params += count(getattr(a.meta_base, a.pooler_path, None))
@@ -105,8 +117,13 @@ def _is_tied(meta_model) -> bool:
     return out is not None and inp is not None and out.weight is inp.weight
 
 
-def compute_parts(method, infos: Sequence[LayerInfo], num_stages: int, num_blocks: int, model_name: str) -> list[int]:
-    """Stage boundaries for ``method`` (string, or a list of first-layer indices)."""
+def compute_parts(method, infos: Sequence[LayerInfo], num_stages: int, num_blocks: int, model_name: str, *,
+                  costs: Sequence[float] | None = None) -> list[int]:
+    """Stage boundaries for ``method`` (string, or a list of first-layer indices).
+
+    ``"balanced"`` needs ``costs`` (per-layer work, ``hfpipe.costs.layer_costs``) and minimises the slowest stage,
+    cutting between block halves where the family has them; ``"balanced:blocks"`` keeps whole blocks per stage.
+    """
     if num_stages > num_blocks:
         raise ValueError(
             f"num_stages={num_stages} exceeds the {num_blocks} transformer blocks of this {model_name}; "
@@ -122,9 +139,16 @@ def compute_parts(method, infos: Sequence[LayerInfo], num_stages: int, num_block
         return partition_lib.min_max_partition([i.num_params for i in infos], num_stages, cut_allowed)
     if m.startswith("type:"):
         return partition_lib.by_type([i.name for i in infos], method.split(":", 1)[1], num_stages, cut_allowed)
+    if m in ("balanced", "balanced:blocks"):
+        if costs is None or len(costs) != len(infos):
+            raise ValueError(f"partition_method={method!r} needs costs= with one value per layer ({len(infos)}); "
+                             "compute them with hfpipe.costs.layer_costs(builder, seq_len=...).")
+        if m == "balanced:blocks":
+            cut_allowed = [c and i.part != "mlp" for c, i in zip(cut_allowed, infos)]
+        return partition_lib.balanced(costs, num_stages, cut_allowed)
     raise ValueError(
-        f"partition_method={method!r} is not supported; use 'uniform', 'parameters', 'type:<regex>' or a list of "
-        "the first layer index of each stage (e.g. [0, 5, 9])."
+        f"partition_method={method!r} is not supported; use 'balanced', 'balanced:blocks', 'parameters', 'uniform', "
+        "'type:<regex>' or a list of the first layer index of each stage (e.g. [0, 5, 9])."
     )
 
 
@@ -244,9 +268,10 @@ def prepare(model, model_class=None, *, seed: int | None = 1234, device="cpu", s
     return PipelineBuilder(adapter, head, source if source is not None else found_source, seed=seed, device=device)
 
 
-def to_pipeline(model, *, num_stages: int | None = None, topology=None, partition_method="parameters",
+def to_pipeline(model, *, num_stages: int | None = None, topology=None, partition_method="balanced",
                 activation_checkpoint_interval: int = 0, model_class=None, dtype: torch.dtype | None = None,
-                seed: int | None = 1234, loss_fn=None, **pipeline_kwargs) -> HFPipelineModule:
+                seed: int | None = 1234, loss_fn=None, seq_len: int | None = None, micro_batch_size: int = 1,
+                layer_costs: Sequence[float] | None = None, **pipeline_kwargs) -> HFPipelineModule:
     """Convert an HF model into a ``deepspeed.pipe.PipelineModule``.
 
     Args:
@@ -254,11 +279,17 @@ def to_pipeline(model, *, num_stages: int | None = None, topology=None, partitio
             with ``model_class`` (built without weights, initialised like HF), or a folder / Hub id (weights are read
             stage-locally from safetensors).
         num_stages: pipeline stages; the world size must be a multiple (the rest is data parallelism).
-        partition_method: ``"parameters"``, ``"uniform"``, ``"type:<regex>"`` or a list with the first layer index
-            of each stage.
+        partition_method: ``"balanced"`` (default: the split minimising the slowest stage's forward+backward FLOPs
+            under ``hfpipe.costs``, cutting between block halves where the family has them), ``"balanced:blocks"``
+            (whole blocks per stage), ``"parameters"``, ``"uniform"``, ``"type:<regex>"`` or a list with the first
+            layer index of each stage (``hfpipe plan`` shows them side by side).
         activation_checkpoint_interval: checkpoint every N layers (only blocks are checkpointed).
         dtype: cast floating-point parameters after loading.
         seed: per-layer seed for random initialisation (identical at any stage count).
+        seq_len, micro_batch_size: the workload ``"balanced"`` partitions for (sequence length default:
+            ``min(max_position_embeddings, 4096)``).
+        layer_costs: per-layer costs for ``"balanced"`` instead of the FLOP model, e.g. measured seconds from
+            ``hfpipe.costs.profile_layers``.
 
     ``torch.distributed`` is initialised through ``deepspeed.init_distributed()`` if it is not yet (gloo on CPU).
     """
@@ -267,8 +298,14 @@ def to_pipeline(model, *, num_stages: int | None = None, topology=None, partitio
     builder = prepare(model, model_class, seed=seed)
     infos = builder.layers()
     stages = num_stages if num_stages is not None else topology.get_dim("pipe")
+    if layer_costs is None and isinstance(partition_method, str) and partition_method.lower().startswith("balanced"):
+        from .costs import default_seq_len, layer_costs as estimate_costs
+
+        layer_costs = [c.flops for c in estimate_costs(
+            builder, seq_len=seq_len or default_seq_len(builder.adapter.config), micro_batch_size=micro_batch_size,
+            activation_checkpointing=activation_checkpoint_interval > 0)]
     parts = compute_parts(partition_method, infos, stages, builder.adapter.num_blocks,
-                          builder.adapter.model_class.__name__)
+                          builder.adapter.model_class.__name__, costs=layer_costs)
     _ensure_distributed()
     import torch.distributed as dist
 
@@ -279,7 +316,7 @@ def to_pipeline(model, *, num_stages: int | None = None, topology=None, partitio
     pipe = HFPipelineModule(builder, infos, parts, num_stages=num_stages, topology=topology,
                             loss_fn=loss_fn or PipelineLoss(builder.head, builder.adapter.config),
                             activation_checkpoint_interval=activation_checkpoint_interval,
-                            checkpointable_layers=["Block"], **pipeline_kwargs)
+                            checkpointable_layers=["Block", "AttentionHalfBlock", "MLPHalfBlock"], **pipeline_kwargs)
     if dtype is not None:
         for p in pipe.parameters():
             if p.is_floating_point():

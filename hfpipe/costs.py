@@ -1,0 +1,360 @@
+"""What each pipeline layer costs to run and to hold, from the config alone (meta-device modules, no weights).
+
+The pipeline runs at the pace of its slowest stage, so stages should be balanced by *work*, not by parameter count:
+the token embedding weighs as much as an LM head but costs almost nothing to run, while the head's vocabulary-sized
+matmul and loss cost about two blocks. The one idea here: read the work off the layer's own (meta) modules, so that
+every family is covered without per-family formulas --
+
+* matmul FLOPs per token = 2 x the layer's >=2-D weights (embedding tables excluded; stacked or listed MoE experts
+  scaled by ``top_k / num_experts``; a tied LM head uses the embedding table);
+* attention adds its quadratic term 4 x heads x head_dim x (keys each query attends to), where that number follows
+  the family's own mask choice per block (causal, sliding window, bidirectional) and the attention kernel
+  (``"flash"``: masked keys are skipped; ``"dense"``: every query meets every key, as eager/SDPA-math on CPU);
+* element-wise work (norms, activations, residual adds, softmax over the vocabulary for the loss) is a small
+  per-element term.
+
+Backward costs twice the forward (input and weight gradients); the embedding's backward is only its scatter-add.
+Activation checkpointing re-runs each block's forward once more.
+
+Memory per stage follows the 1F1B schedule: stage ``s`` of ``p`` holds up to ``min(m, p - s)`` micro-batches of
+activations; parameters, gradients and Adam states per precision (fp32, or bf16 with fp32 master weights as
+DeepSpeed's bf16 optimizer keeps them), optimizer states divided over ``dp`` ranks with ZeRO-1. These are estimates
+for planning, not an allocator trace: buffers of the framework, fragmentation and communication are not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+from torch import nn
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+ATTENTION_KERNELS = ("flash", "dense")
+
+#: FLOPs per element for element-wise work (norm: mean-square, rsqrt, scale; loss: exp, sum, log over the vocab).
+NORM_FLOPS = 8
+ELEMENTWISE_FLOPS = 4
+LOSS_FLOPS_PER_LOGIT = 6
+
+
+@dataclass
+class LayerCost:
+    index: int
+    name: str
+    kind: str
+    part: str
+    block: int | None
+    params: int  # parameters resident with this layer (a tied LM head counts its copy of the embedding)
+    forward_flops: float  # one micro-batch
+    flops: float  # forward + backward (+ recomputation with activation checkpointing), one micro-batch
+    activation_bytes: float  # kept for backward per micro-batch (without activation checkpointing)
+    checkpoint_bytes: float  # kept per micro-batch with activation checkpointing
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Workload:
+    """What one micro-batch looks like and how it is run."""
+
+    seq_len: int = 4096
+    micro_batch_size: int = 1
+    dtype: str = "bf16"
+    activation_checkpointing: bool = False
+    attention_kernel: str = "flash"
+
+    def __post_init__(self):
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype={self.dtype!r}; expected one of {sorted(DTYPE_BYTES)}.")
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention_kernel={self.attention_kernel!r}; expected one of {ATTENTION_KERNELS}.")
+        if self.seq_len < 1 or self.micro_batch_size < 1:
+            raise ValueError(f"seq_len={self.seq_len}, micro_batch_size={self.micro_batch_size}; both must be >= 1.")
+
+    @property
+    def tokens(self) -> int:
+        return self.seq_len * self.micro_batch_size
+
+
+def default_seq_len(config) -> int:
+    """The sequence length to plan for when none is given: the model's context, capped at 4096."""
+    return int(min(getattr(config, "max_position_embeddings", None) or 2048, 4096))
+
+
+# ------------------------------------------------------------------------------------------------ module walking
+def _top_k(config) -> int:
+    for name in ("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1
+
+
+def _module_work(module: nn.Module | None, config) -> tuple[float, float, int]:
+    """``(matmul FLOPs per token, output features per token, norm count)`` of a (meta) module subtree."""
+    if module is None:
+        return 0.0, 0.0, 0
+    top_k = _top_k(config)
+    scale: dict[int, float] = {}  # id(param) -> active fraction (MoE experts)
+    for name, sub in module.named_modules():
+        if name.rsplit(".", 1)[-1] != "experts":
+            continue
+        if isinstance(sub, nn.ModuleList) and len(sub):
+            for p in sub.parameters():
+                scale[id(p)] = min(1.0, top_k / len(sub))
+        else:
+            for p in sub.parameters(recurse=False):
+                if p.dim() == 3:
+                    scale[id(p)] = min(1.0, top_k / p.shape[0])
+    embeddings = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    matmul = out = 0.0
+    seen = set()
+    for p in module.parameters():
+        if id(p) in seen or id(p) in embeddings or p.dim() < 2:
+            continue
+        seen.add(id(p))
+        frac = scale.get(id(p), 1.0)
+        matmul += 2.0 * p.numel() * frac
+        # output features per token (GPT-2's Conv1D stores weights transposed: the estimate stays close)
+        out += p.shape[-2] * frac * p.shape[0] if p.dim() == 3 else p.shape[0] * frac
+    norms = sum(1 for m in module.modules() if "norm" in type(m).__name__.lower())
+    return matmul, out, norms
+
+
+def _attention_context(adapter, block: int, seq_len: int, kernel: str) -> float:
+    """Mean number of keys one query is multiplied with in block ``block``."""
+    if kernel == "dense":
+        return float(seq_len)
+    if not adapter.causal:
+        return float(seq_len)
+    window = None
+    try:
+        fn = adapter.mask_function(block).__name__
+    except Exception:
+        fn = "create_causal_mask"
+    if "sliding" in fn or "chunked" in fn:
+        window = getattr(adapter.config, "sliding_window", None) or getattr(adapter.config, "attention_chunk_size", None)
+    if window is None or window >= seq_len:
+        return (seq_len + 1) / 2.0
+    # positions < window see i+1 keys, the rest see window keys
+    return (window * (window + 1) / 2.0 + (seq_len - window) * window) / seq_len
+
+
+def _attention_dims(config) -> tuple[int, int]:
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    hidden = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return int(heads), int(head_dim)
+
+
+# -------------------------------------------------------------------------------------------------- per layer
+def layer_costs(builder, workload: Workload | None = None, **workload_kwargs) -> list[LayerCost]:
+    """Cost of every layer of ``builder.layers()`` (``hfpipe.pipeline.prepare(model_or_config, model_class)``)."""
+    w = workload or Workload(**workload_kwargs)
+    a, config = builder.adapter, builder.adapter.config
+    hidden = int(config.hidden_size)
+    heads, head_dim = _attention_dims(config)
+    act_b = DTYPE_BYTES[w.dtype]
+    T = float(w.tokens)
+    blocks = a.meta_base.get_submodule(a.layers_path)
+    infos = builder.layers()
+    embed = a.meta_base.get_submodule(a.embed_path) if a.embed_path else None
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    costs = []
+    for index, info in enumerate(infos):
+        params = info.num_params
+        act_elems = ckpt_elems = 0.0
+        bwd_factor, recompute = 2.0, 0.0
+        if info.kind == "block":
+            block = blocks[info.block]
+            if info.part == "whole":
+                subtree, has_attn = block, True
+            else:
+                from .layers import HALF_BLOCK_CHILDREN
+
+                subtree = nn.ModuleList([getattr(block, c) for c in HALF_BLOCK_CHILDREN[info.part]])
+                has_attn = info.part == "attention"
+            matmul, out, norms = _module_work(subtree, config)
+            fwd = T * (matmul + ELEMENTWISE_FLOPS * out + NORM_FLOPS * norms * hidden + hidden)
+            act_elems = T * (hidden + out + norms * hidden)
+            if has_attn:
+                ctx = _attention_context(a, info.block, w.seq_len, w.attention_kernel)
+                fwd += T * ctx * heads * (4.0 * head_dim + 5.0)
+                if w.attention_kernel == "dense":
+                    act_elems += T * heads * w.seq_len  # the attention probabilities
+            ckpt_elems = T * hidden
+            recompute = 1.0 if w.activation_checkpointing else 0.0
+        elif info.name == "TokenEmbedding":
+            fwd, bwd_factor = T * hidden, 1.0  # a gather; backward is a scatter-add into the table
+            act_elems = ckpt_elems = T * 4  # the int64 ids (in units of the activation dtype: close enough)
+        elif info.kind == "embedding":  # BodyShell: positions, scaling, embedding norm/dropout (encoders: tables)
+            shell = a.body_shell()
+            matmul, out, norms = _module_work(shell, config)
+            fwd = T * (matmul + ELEMENTWISE_FLOPS * (out + 2 * hidden) + NORM_FLOPS * norms * hidden)
+            act_elems = ckpt_elems = T * hidden * (1 + norms)
+        elif info.kind == "final":
+            modules = nn.ModuleList([m for _, m in a.final_modules()])
+            matmul, out, norms = _module_work(modules, config)
+            fwd = T * (matmul + ELEMENTWISE_FLOPS * out + NORM_FLOPS * norms * hidden)
+            pooler = getattr(a.meta_base, a.pooler_path, None) if a.pooler_path else None
+            if builder.head.uses_pooler and isinstance(pooler, nn.Module):  # applied to one vector per example
+                fwd += w.micro_batch_size * _module_work(pooler, config)[0]
+            act_elems = ckpt_elems = T * hidden * (1 + norms)
+        else:  # head
+            if info.name == "TiedLMHead":
+                matmul, out = 2.0 * embed.weight.numel(), float(embed.weight.shape[0])
+                params = embed.weight.numel()
+            else:
+                from .heads import task_shell
+
+                matmul, out, _ = _module_work(task_shell(a), config)
+            rows = T
+            if builder.head.uses_pooler and not a.causal:  # encoder classification: one pooled vector per example
+                rows = float(w.micro_batch_size)
+            fwd = rows * (matmul + ELEMENTWISE_FLOPS * out)
+            if builder.head.name == "causal-lm":
+                fwd += T * LOSS_FLOPS_PER_LOGIT * vocab
+                # logits in the compute dtype, their fp32 copy for the loss and its gradient
+                act_elems = ckpt_elems = T * vocab * (1 + 8 / act_b)
+            else:
+                act_elems = ckpt_elems = rows * out
+            act_elems += T * hidden
+            ckpt_elems += T * hidden
+        flops = fwd * (1.0 + bwd_factor + recompute)
+        costs.append(LayerCost(index, info.name, info.kind, info.part, info.block, int(params), fwd, flops,
+                               act_elems * act_b, ckpt_elems * act_b))
+    return costs
+
+
+def estimate(model, model_class=None, workload: Workload | None = None, **workload_kwargs) -> list[LayerCost]:
+    """``layer_costs`` for an HF model, a config (+ ``model_class``) or a config-only folder; builds on meta only."""
+    from .pipeline import prepare
+
+    return layer_costs(prepare(model, model_class), workload, **workload_kwargs)
+
+
+# ------------------------------------------------------------------------------------------------- per stage
+def optimizer_bytes_per_param(dtype: str, dp: int = 1, zero_stage: int = 0) -> dict[str, float]:
+    """Bytes per parameter for weights, gradients and optimizer (Adam) states on one rank.
+
+    fp32: weights 4, gradients 4, Adam m and v 8. bf16: weights 2, gradients 2, and with the fp32 master copy
+    DeepSpeed's bf16 optimizer keeps: master weights 4, fp32 gradients 4, Adam 8. ZeRO-1 divides the optimizer part
+    over the ``dp`` data-parallel ranks (ZeRO-2/3 do not combine with pipeline parallelism).
+    """
+    if zero_stage not in (0, 1):
+        raise ValueError(f"zero_stage={zero_stage}; pipeline parallelism supports ZeRO stage 0 or 1 only.")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype={dtype!r}; expected one of {sorted(DTYPE_BYTES)}.")
+    w = DTYPE_BYTES[dtype]
+    opt = 8.0 + (8.0 if w < 4 else 0.0)
+    if zero_stage == 1:
+        opt /= max(1, dp)
+    return {"params": float(w), "grads": float(w), "optimizer": opt}
+
+
+def in_flight(stage: int, num_stages: int, micro_batches: int) -> int:
+    """Micro-batches whose activations stage ``stage`` holds at once under 1F1B."""
+    return max(1, min(micro_batches, num_stages - stage))
+
+
+def stage_memory(costs: Sequence[LayerCost], start: int, stop: int, stage: int, num_stages: int, *,
+                 micro_batches: int, dtype: str = "bf16", dp: int = 1, zero_stage: int = 0,
+                 activation_checkpointing: bool = False) -> dict[str, float]:
+    """Estimated bytes on one rank of stage ``stage`` owning layers ``[start, stop)``."""
+    layers = costs[start:stop]
+    per = optimizer_bytes_per_param(dtype, dp, zero_stage)
+    params = sum(c.params for c in layers)
+    held = in_flight(stage, num_stages, micro_batches)
+    act = 0.0
+    transient = 0.0
+    for c in layers:
+        if c.kind == "head":  # computed and consumed by its backward right away on the last stage
+            transient += c.activation_bytes
+        else:
+            act += c.checkpoint_bytes if (activation_checkpointing and c.kind == "block") else c.activation_bytes
+    if activation_checkpointing:  # one block's full activations while it is recomputed
+        transient += max((c.activation_bytes for c in layers if c.kind == "block"), default=0.0)
+    out = {k: params * v for k, v in per.items()}
+    out["activations"] = held * act + transient
+    out["total"] = sum(out.values())
+    return out
+
+
+def stage_flops(costs: Sequence[LayerCost], parts: Sequence[int]) -> list[float]:
+    return [sum(c.flops for c in costs[parts[s]:parts[s + 1]]) for s in range(len(parts) - 1)]
+
+
+# --------------------------------------------------------------------------------------------- measured profile
+def profile_layers(builder, seq_len: int, micro_batch_size: int = 1, repeats: int = 3, warmup: int = 1) -> list[float]:
+    """Measured seconds of forward + backward of every layer, each timed on its own in this process.
+
+    The measured counterpart of :func:`layer_costs` for ``partition_method="balanced"`` (``to_pipeline(...,
+    layer_costs=profile_layers(...))``), when FLOPs mislead (memory-bound layers, unusual kernels). Every layer is
+    built for real (random weights unless the builder has a source), so use it for models that fit this machine.
+    Returns the median over ``repeats`` runs after ``warmup`` runs; CPU time of the process on CPU (robust to
+    other jobs on the machine), wall time with synchronisation on CUDA.
+    """
+    import statistics
+    import time
+    from types import SimpleNamespace
+
+    import torch
+    from deepspeed.pipe import TiedLayerSpec
+
+    from .data import micro_batches
+    from .heads import PipelineLoss
+    from .verify import make_batch
+
+    cuda = str(builder.device).startswith("cuda")
+
+    def clock():
+        if cuda:
+            torch.cuda.synchronize()
+            return time.perf_counter()
+        return time.process_time()
+
+    infos = builder.layers()
+    tied: dict = {}
+    calls = []
+    for info in infos:
+        spec = info.spec
+        if isinstance(spec, TiedLayerSpec):
+            module = tied.setdefault(spec.key, spec.build())
+            fn = (lambda m, f: (lambda x: f(m, x)))(module, spec.forward_fn) if spec.forward_fn else module
+        else:
+            module = spec.build()
+            fn = module
+        module.train()
+        calls.append((fn, module))
+    config = builder.adapter.config
+    batch = make_batch(config, builder.head.name, micro_batch_size, seq_len)
+    batch["attention_mask"] = torch.ones_like(batch["attention_mask"])  # full sequences, as in training
+    if "labels" in batch and batch["labels"].dim() == 2:
+        batch["labels"] = batch["input_ids"].clone() if builder.head.name == "causal-lm" else batch["labels"]
+    fake_pipe = SimpleNamespace(head=builder.head, input_names=builder.adapter.input_names)
+    inputs, labels = micro_batches(batch, fake_pipe, 1)[0]
+    inputs = tuple(t.to(builder.device) for t in inputs)
+    labels = tuple(t.to(builder.device) for t in labels)
+    loss_fn = PipelineLoss(builder.head, config)
+    seconds = []
+    x = inputs
+    for i, (fn, module) in enumerate(calls):
+        last = i == len(calls) - 1
+        runs = []
+        for r in range(warmup + repeats):
+            x_in = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in x)
+            start = clock()
+            out = fn(x_in)
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            if last:
+                loss_fn(out, labels).backward()
+            else:
+                floats = [t for t in dict.fromkeys(outs) if torch.is_tensor(t) and t.requires_grad]
+                torch.autograd.backward(floats, [torch.ones_like(t) for t in floats])
+            runs.append(clock() - start)
+            module.zero_grad(set_to_none=True)
+        seconds.append(statistics.median(runs[warmup:]))
+        x = tuple(t.detach() for t in outs) if not last else x
+    return seconds

@@ -1,0 +1,205 @@
+"""``hfpipe plan``: how a model would be split into pipeline stages, and what each stage costs, before any GPU is
+touched.
+
+Everything is read off the config: the model is built on the meta device (no weights, so an 8B config plans in
+about a second), its fixed layer list comes from ``hfpipe.pipeline.prepare``, each layer's work and memory from
+``hfpipe.costs``, and the stage boundaries from the same ``compute_parts`` that ``to_pipeline`` uses -- so the plan
+shows exactly the split training will run with. The predicted pipeline efficiency is the 1F1B bubble times the
+imbalance: ``m / (m + p - 1) x mean / max`` stage cost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+from . import costs as costs_lib
+from . import partition as partition_lib
+
+METHODS = ("balanced", "balanced:blocks", "parameters", "uniform")
+GIB = 1024.0 ** 3
+
+
+def load_config(path: str):
+    """``(config, model class)`` from a folder holding config.json, or a config.json file (no weights needed)."""
+    import transformers
+    from transformers import AutoConfig
+
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path} has no config.json; hfpipe plan takes a model folder or a config.json.")
+    elif not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist; hfpipe plan takes a model folder or a config.json file.")
+    config = AutoConfig.from_pretrained(path)
+    archs = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        cls = transformers.AutoModelForCausalLM._model_mapping[type(config)]
+    return config, cls
+
+
+def describe_layers(infos, start: int, stop: int) -> str:
+    """``"embed, B0-B7, B8.attn"``: what a stage owns, with half-blocks marked."""
+    items: list[str] = []
+    run: list[int] = []  # whole blocks in a row
+
+    def flush():
+        if run:
+            items.append(f"B{run[0]}" if len(run) == 1 else f"B{run[0]}-B{run[-1]}")
+            run.clear()
+
+    i = start
+    while i < stop:
+        info = infos[i]
+        if info.kind == "block":
+            if info.part == "attention" and i + 1 < stop and infos[i + 1].part == "mlp":
+                run.append(info.block)
+                i += 2
+                continue
+            if info.part == "whole":
+                run.append(info.block)
+            else:
+                flush()
+                items.append(f"B{info.block}.{'attn' if info.part == 'attention' else 'mlp'}")
+        else:
+            flush()
+            label = {"embedding": "embed", "final": "norm", "head": "head"}[info.kind]
+            if not items or items[-1] != label:
+                items.append(label)
+        i += 1
+    flush()
+    return ", ".join(items)
+
+
+def plan(model, *, stages: int, partition="balanced", seq_len: int = 4096, micro_batch_size: int = 1,
+         micro_batches: int | None = None, dp: int = 1, zero_stage: int = 0, dtype: str = "bf16",
+         activation_checkpointing: bool = False, memory_cap_gib: float | None = None,
+         attention_kernel: str = "flash", model_class=None) -> dict:
+    """The stage split of ``model`` (an HF model, a config + ``model_class``, or a config folder / config.json) and
+    each stage's layers, parameters, FLOPs, share of work and memory. ``micro_batches`` defaults to ``4 x stages``."""
+    from .pipeline import compute_parts, prepare
+
+    if isinstance(model, (str, os.PathLike)):
+        model, model_class = load_config(str(model))
+    if stages < 1:
+        raise ValueError(f"stages={stages}; expected a positive integer.")
+    m = micro_batches or 4 * stages
+    builder = prepare(model, model_class)
+    infos = builder.layers()
+    workload = costs_lib.Workload(seq_len=seq_len, micro_batch_size=micro_batch_size, dtype=dtype,
+                                  activation_checkpointing=activation_checkpointing,
+                                  attention_kernel=attention_kernel)
+    layer_costs = costs_lib.layer_costs(builder, workload)
+    flops = [c.flops for c in layer_costs]
+    mem_kwargs = dict(micro_batches=m, dtype=dtype, dp=dp, zero_stage=zero_stage,
+                      activation_checkpointing=activation_checkpointing)
+
+    def memory(stage, start, stop):
+        return costs_lib.stage_memory(layer_costs, start, stop, stage, stages, **mem_kwargs)["total"]
+
+    name = builder.adapter.model_class.__name__
+    if memory_cap_gib is not None and isinstance(partition, str) and partition.startswith("balanced"):
+        cut_allowed = [i.cut_allowed and (partition == "balanced" or i.part != "mlp") for i in infos]
+        if stages > builder.adapter.num_blocks:
+            compute_parts(partition, infos, stages, builder.adapter.num_blocks, name, costs=flops)  # its error
+        parts = partition_lib.balanced(flops, stages, cut_allowed, memory=memory, memory_cap=memory_cap_gib * GIB)
+    else:
+        parts = compute_parts(partition, infos, stages, builder.adapter.num_blocks, name, costs=flops)
+    sums = partition_lib.stage_sums(flops, parts)
+    total = sum(sums)
+    mean = total / stages
+    rows = []
+    for s in range(stages):
+        start, stop = parts[s], parts[s + 1]
+        mem = costs_lib.stage_memory(layer_costs, start, stop, s, stages, **mem_kwargs)
+        rows.append({"stage": s, "first_layer": start, "last_layer": stop - 1,
+                     "layers": describe_layers(infos, start, stop),
+                     "params": sum(c.params for c in layer_costs[start:stop]), "flops": sums[s],
+                     "share": sums[s] / total if total else 0.0, "in_flight": costs_lib.in_flight(s, stages, m),
+                     "memory_gib": {k: v / GIB for k, v in mem.items()}})
+    imbalance = max(sums) / mean if mean else 1.0
+    bubble = m / (m + stages - 1)
+    return {
+        "model": name, "model_type": builder.adapter.config.model_type, "stages": stages,
+        "partition": partition if isinstance(partition, str) else list(partition), "parts": parts,
+        "half_blocks": builder.half_blocks, "num_layers": len(infos), "num_blocks": builder.adapter.num_blocks,
+        "seq_len": seq_len, "micro_batch_size": micro_batch_size, "micro_batches": m, "dp": dp,
+        "zero_stage": zero_stage, "dtype": dtype, "activation_checkpointing": activation_checkpointing,
+        "attention_kernel": attention_kernel, "memory_cap_gib": memory_cap_gib,
+        "total_flops": total, "imbalance": imbalance, "bubble_efficiency": bubble,
+        "efficiency": bubble / imbalance, "stage_rows": rows,
+    }
+
+
+def compare(model, *, stages: int, methods: Sequence[str] = METHODS, **kwargs) -> list[dict]:
+    """:func:`plan` for each of ``methods`` (methods that do not apply, e.g. too few cut points, are skipped)."""
+    if isinstance(model, (str, os.PathLike)):
+        model, kwargs["model_class"] = load_config(str(model))
+    out = []
+    for method in methods:
+        try:
+            out.append(plan(model, stages=stages, partition=method, **kwargs))
+        except partition_lib.PartitionError as exc:
+            out.append({"partition": method, "error": str(exc)})
+    return out
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def format_plan(report: dict) -> str:
+    r = report
+    lines = [
+        f"hfpipe plan: {r['model']} ({r['num_blocks']} blocks, {r['num_layers']} pipeline layers, "
+        f"{'half-blocks' if r['half_blocks'] else 'whole blocks'})  stages={r['stages']} "
+        f"partition={r['partition']}",
+        f"workload: seq_len={r['seq_len']} micro_batch_size={r['micro_batch_size']} micro_batches={r['micro_batches']}"
+        f" dp={r['dp']} zero={r['zero_stage']} dtype={r['dtype']} activation_checkpointing="
+        f"{'on' if r['activation_checkpointing'] else 'off'} attention={r['attention_kernel']}",
+        "",
+        f"{'stage':>5}  {'layers':<30}{'params':>10}{'FLOPs/mb':>11}{'share':>8}{'in flight':>10}"
+        f"{'mem GiB':>9}  (weights+grads+optim / activations)",
+    ]
+    for row in r["stage_rows"]:
+        mem = row["memory_gib"]
+        states = mem["params"] + mem["grads"] + mem["optimizer"]
+        lines.append(f"{row['stage']:>5}  {row['layers']:<30}{_si(row['params']):>10}{_si(row['flops']):>11}"
+                     f"{100 * row['share']:>7.1f}%{row['in_flight']:>10}{mem['total']:>9.1f}  "
+                     f"({states:.1f} / {mem['activations']:.1f})")
+    lines += [
+        "",
+        f"parts: {r['parts']}",
+        f"imbalance (max/mean stage FLOPs): {r['imbalance']:.4f}",
+        f"predicted efficiency: m/(m+p-1) x mean/max = {r['bubble_efficiency']:.4f} x {1 / r['imbalance']:.4f} "
+        f"= {r['efficiency']:.4f}",
+    ]
+    return "\n".join(lines)
+
+
+def format_compare(reports: list[dict]) -> str:
+    ok = [r for r in reports if "error" not in r]
+    head = ok[0] if ok else {}
+    lines = []
+    if head:
+        lines.append(f"hfpipe plan --compare: {head['model']}  stages={head['stages']} seq_len={head['seq_len']} "
+                     f"micro_batch_size={head['micro_batch_size']} micro_batches={head['micro_batches']} "
+                     f"dtype={head['dtype']}")
+        lines.append("")
+    lines.append(f"{'method':<18}{'max/mean':>9}{'efficiency':>12}{'max mem GiB':>13}  parts")
+    for r in reports:
+        if "error" in r:
+            lines.append(f"{r['partition']:<18}  n/a: {r['error']}")
+            continue
+        mem = max(row["memory_gib"]["total"] for row in r["stage_rows"])
+        lines.append(f"{str(r['partition']):<18}{r['imbalance']:>9.4f}{r['efficiency']:>12.4f}{mem:>13.1f}  "
+                     f"{r['parts']}")
+    return "\n".join(lines)
+
+
+def to_json(obj) -> str:
+    return json.dumps(obj, default=str)
