@@ -6,5 +6,15 @@ from .adapters import Adapter, UnsupportedModelError, register_adapter, supporte
 from .data import micro_batches  # noqa: E402
 from .pipeline import HFPipelineModule, to_pipeline  # noqa: E402
 
-__all__ = ["Adapter", "HFPipelineModule", "UnsupportedModelError", "micro_batches", "register_adapter",
-           "supported_families", "to_pipeline", "__version__"]
+__all__ = ["Adapter", "HFPipelineModule", "PipelineTrainer", "PipelineTrainingArguments", "UnsupportedModelError",
+           "micro_batches", "register_adapter", "supported_families", "to_pipeline", "__version__"]
+
+_LAZY = {"PipelineTrainer": ".trainer", "PipelineTrainingArguments": ".arguments"}
+
+
+def __getattr__(name):  # the trainer pulls in tqdm, tensorboard, ...: import it on first use
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'hfpipe' has no attribute {name!r}")

@@ -1,0 +1,330 @@
+"""One DeepSpeed config for a pipeline run, merged from four layers with one precedence rule.
+
+Layers, highest first: **explicit command-line arguments** > **Accelerate** (YAML / ``ACCELERATE_*`` variables,
+read by ``hfpipe.accelerate_bridge.accelerate_layer``) > **DeepSpeed JSON** (``--deepspeed file.json``) >
+**defaults** (the ``PipelineTrainingArguments`` defaults). A value is *explicit* when it comes from one of the three
+upper layers; a JSON value ``"auto"`` is not explicit. Each setting takes the highest explicit value; when two
+explicit layers give *different* values for the same setting the run stops with an error that names both (as HF
+Trainer does for ``--deepspeed``): silently preferring one would train something the user did not ask for. So
+``--fp16`` with a JSON that enables bf16 is an error, ``--gradient_accumulation_steps 8`` with a JSON saying 8 is fine.
+
+"Explicit command-line argument" means a flag the user typed: a field named in ``argv`` (``--name``, ``--name=v``,
+``--name-with-dashes``, ``--no_name``), or, for arguments built in Python, a field whose value differs from the
+dataclass default. The merged config is validated (ZeRO 2/3, offload, batch sizes that do not multiply out, precision
+conflicts, stage count vs. world size) before any process group is joined.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+DEFAULT = "default"
+AUTO = "auto"
+
+#: setting -> argument field (the CLI layer); settings without a field come from Accelerate / JSON / defaults only.
+CLI_FIELDS = {
+    "bf16": "bf16",
+    "fp16": "fp16",
+    "micro_batch_size": "per_device_train_batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+    "gradient_clipping": "max_grad_norm",
+    "lr": "learning_rate",
+    "weight_decay": "weight_decay",
+    "beta1": "adam_beta1",
+    "beta2": "adam_beta2",
+    "eps": "adam_epsilon",
+    "num_stages": "num_stages",
+    "partition_method": "partition_method",
+    "activation_checkpoint_interval": "activation_checkpoint_interval",
+}
+FALLBACK_DEFAULTS = {"zero_stage": 0, "train_batch_size": None}
+
+
+class ConfigError(ValueError):
+    """A setting hfpipe cannot run with; the message names the value, the source and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------- explicit CLI
+def explicit_fields(args, argv: Sequence[str] | None = None) -> set[str]:
+    """Fields of ``args`` the user set: named in ``argv``; for arguments not parsed by
+    ``hfpipe.arguments.parse_args`` also every field whose value differs from the dataclass default. (Values a
+    recipe writes into parsed arguments afterwards are recipe defaults, not explicit.)"""
+    defaults = {}
+    for f in dataclasses.fields(args):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            defaults[f.name] = f.default_factory()  # type: ignore[misc]
+    pre = getattr(args, "_explicit_fields", None)
+    if pre is not None:  # parsed by hfpipe.arguments.parse_args: exactly the flags that were typed
+        out = set(pre)
+    else:
+        out = {name for name, default in defaults.items() if getattr(args, name) != default}
+    if argv:
+        flags = set()
+        for tok in argv:
+            if tok.startswith("--"):
+                flags.add(tok[2:].split("=", 1)[0].replace("-", "_"))
+        for name in defaults:
+            if name in flags or f"no_{name}" in flags:
+                out.add(name)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- the layers
+def _json_layer(path: str | None) -> tuple[dict, dict, dict]:
+    """(settings, sources, raw JSON) from a DeepSpeed JSON; ``"auto"`` values are skipped."""
+    if not path:
+        return {}, {}, {}
+    if not os.path.isfile(path):
+        raise ConfigError(f"--deepspeed {path}: no such file; pass a DeepSpeed JSON such as ds_configs/cpu_fp32.json.")
+    with open(path) as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--deepspeed {path} is not valid JSON: {exc}") from None
+    src = f"deepspeed json {path}"
+    s: dict[str, Any] = {}
+
+    def put(key, value):
+        if value is not None and value != AUTO:
+            s[key] = value
+
+    for prec in ("bf16", "fp16"):
+        sec = raw.get(prec)
+        if isinstance(sec, dict) and "enabled" in sec:
+            put(prec, sec["enabled"] if sec["enabled"] == AUTO else bool(sec["enabled"]))
+    put("micro_batch_size", raw.get("train_micro_batch_size_per_gpu"))
+    put("gradient_accumulation_steps", raw.get("gradient_accumulation_steps"))
+    put("train_batch_size", raw.get("train_batch_size"))
+    put("gradient_clipping", raw.get("gradient_clipping"))
+    zero = raw.get("zero_optimization") or {}
+    put("zero_stage", zero.get("stage"))
+    for k in ("offload_optimizer", "offload_param"):
+        dev = (zero.get(k) or {}).get("device")
+        if dev not in (None, "none"):
+            put(k, dev)
+    opt = raw.get("optimizer") or {}
+    params = opt.get("params") or {}
+    put("lr", params.get("lr"))
+    put("weight_decay", params.get("weight_decay"))
+    put("eps", params.get("eps"))
+    betas = params.get("betas")
+    if isinstance(betas, (list, tuple)) and len(betas) == 2:
+        put("beta1", betas[0])
+        put("beta2", betas[1])
+    pipe = raw.get("pipeline") or {}
+    put("num_stages", pipe.get("stages"))
+    if pipe.get("partition") not in (None, "best"):  # "best" is DeepSpeed's own default, not a choice
+        put("partition_method", pipe["partition"])
+    put("activation_checkpoint_interval", pipe.get("activation_checkpoint_interval"))
+    if raw.get("scheduler"):
+        raise ConfigError(f"{path} has a \"scheduler\" section; hfpipe builds the schedule from --lr_scheduler_type, "
+                          "--warmup_steps/--warmup_ratio and --learning_rate. Remove the section.")
+    return s, {k: src for k in s}, raw
+
+
+def _accelerate_layer(args, env: Mapping[str, str] | None) -> tuple[dict, dict]:
+    try:
+        from .accelerate_bridge import accelerate_layer
+    except ImportError:  # the bridge is optional: no Accelerate settings
+        return {}, {}
+    try:
+        settings, sources = accelerate_layer(getattr(args, "accelerate_config", None),
+                                             os.environ if env is None else env)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return dict(settings), dict(sources)
+
+
+def _flatten_pipeline(settings: dict, sources: dict) -> None:
+    pipe = settings.pop("pipeline", None) or {}
+    psrc = sources.pop("pipeline", "accelerate")
+    for k in ("num_stages", "partition_method", "activation_checkpoint_interval"):
+        if k in pipe:
+            settings[k] = pipe[k]
+            sources.setdefault(k, psrc)
+
+
+def _describe_cli(field: str, value) -> str:
+    return f"command line --{field}" + ("" if isinstance(value, bool) else f" {value}")
+
+
+# ------------------------------------------------------------------------------------------------------ merge
+def resolve_ds_config(args, world_size: int, *, argv: Sequence[str] | None = None,
+                      env: Mapping[str, str] | None = None,
+                      accelerate: tuple[dict, dict] | None = None) -> tuple[dict, dict]:
+    """``(ds_config, sources)`` for ``args`` (a ``PipelineTrainingArguments``) on ``world_size`` processes.
+
+    ``sources[setting]`` says where each value came from. ``accelerate`` injects the Accelerate layer (tests);
+    otherwise it is read from ``args.accelerate_config`` and ``env`` (default ``os.environ``).
+    """
+    explicit = explicit_fields(args, argv)
+    acc, acc_src = accelerate if accelerate is not None else _accelerate_layer(args, env)
+    acc, acc_src = dict(acc), dict(acc_src)
+    _flatten_pipeline(acc, acc_src)
+    procs = acc.pop("num_processes", None)
+    if procs is not None and int(procs) != world_size:
+        raise ConfigError(f"num_processes={procs} (from {acc_src.get('num_processes', 'accelerate')}) but "
+                          f"{world_size} processes were launched; launch {procs} processes or fix num_processes.")
+    acc_src.pop("num_processes", None)
+    ds_path = args.deepspeed
+    if acc.get("deepspeed_config_file"):
+        acc_path = acc.pop("deepspeed_config_file")
+        src = acc_src.pop("deepspeed_config_file", "accelerate")
+        if ds_path and os.path.abspath(ds_path) != os.path.abspath(acc_path):
+            raise ConfigError(f"--deepspeed {ds_path} disagrees with deepspeed_config_file={acc_path} from {src}; "
+                              "pass one of them.")
+        ds_path = ds_path or acc_path
+    js, js_src, raw = _json_layer(ds_path)
+
+    cli, cli_src = {}, {}
+    for key, field in CLI_FIELDS.items():
+        if field in explicit:
+            cli[key] = getattr(args, field)
+            cli_src[key] = _describe_cli(field, cli[key])
+    # a precision flag set to False on the command line says "not this one", which is no claim about the other
+    for prec in ("bf16", "fp16"):
+        if cli.get(prec) is False:
+            del cli[prec], cli_src[prec]
+
+    layers = [(cli, cli_src), (acc, acc_src), (js, js_src)]
+    settings, sources = {}, {}
+    keys = set(CLI_FIELDS) | set(FALLBACK_DEFAULTS) | set(acc) | set(js)
+    for key in sorted(keys):
+        found = [(lay[key], src[key]) for lay, src in layers if key in lay]
+        if found:
+            value, source = found[0]
+            for other, other_src in found[1:]:
+                if not _same(value, other):
+                    raise ConfigError(
+                        f"{key}: {value!r} from {source} disagrees with {other!r} from {other_src}; two explicit "
+                        f"sources must agree (precedence: command line > Accelerate > DeepSpeed JSON > defaults). "
+                        "Remove one of them, or make them equal.")
+            settings[key], sources[key] = value, source
+        elif key in CLI_FIELDS:
+            settings[key], sources[key] = getattr(args, CLI_FIELDS[key]), DEFAULT
+        elif key in FALLBACK_DEFAULTS:
+            settings[key], sources[key] = FALLBACK_DEFAULTS[key], DEFAULT
+    _check_precision(settings, sources, layers)
+    ds = _build(settings, sources, raw, world_size)
+    return ds, sources
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def _check_precision(settings: dict, sources: dict, layers) -> None:
+    # --fp16 vs a JSON that enables bf16 (and the reverse): two explicit sources that disagree
+    for i, (lay, src) in enumerate(layers):
+        for j, (lay2, src2) in enumerate(layers):
+            if i != j and lay.get("fp16") is True and lay2.get("bf16") is True:
+                first, second = (("fp16", src["fp16"]), ("bf16", src2["bf16"])) if i < j else \
+                    (("bf16", src2["bf16"]), ("fp16", src["fp16"]))
+                raise ConfigError(f"{first[0]} from {first[1]} disagrees with {second[0]} from {second[1]}; "
+                                  "choose one precision in one place.")
+    if settings.get("bf16") and settings.get("fp16"):
+        raise ConfigError(f"bf16 (from {sources['bf16']}) and fp16 (from {sources['fp16']}) are both enabled; "
+                          "choose one precision (--bf16 or --fp16, or the matching \"enabled\" in the JSON).")
+
+
+def _build(s: dict, sources: dict, raw: dict, world_size: int) -> dict:
+    zero = int(s.get("zero_stage") or 0)
+    if zero >= 2:
+        raise ConfigError(f"ZeRO stage {zero} (from {sources['zero_stage']}) cannot be combined with pipeline "
+                          "parallelism: DeepSpeed's PipelineEngine supports ZeRO stage 0 or 1 only. Set "
+                          "\"zero_optimization\": {\"stage\": 1} (or 0).")
+    for k in ("offload_optimizer", "offload_param"):
+        if k in s:
+            raise ConfigError(f"zero_optimization.{k}.device={s[k]!r} (from {sources[k]}) is not supported with "
+                              "pipeline parallelism; remove the offload section.")
+    stages = int(s["num_stages"])
+    if stages < 1:
+        raise ConfigError(f"num_stages={stages} must be >= 1.")
+    if world_size % stages:
+        raise ConfigError(f"num_stages={stages} ({sources['num_stages']}) does not divide the {world_size} processes; "
+                          f"launch a multiple of {stages} processes (the rest is data parallelism).")
+    dp = world_size // stages
+    micro, gas = int(s["micro_batch_size"]), int(s["gradient_accumulation_steps"])
+    if micro < 1 or gas < 1:
+        raise ConfigError(f"micro batch size {micro} and gradient_accumulation_steps {gas} must both be >= 1.")
+    total = micro * gas * dp
+    tbs = s.get("train_batch_size")
+    if tbs is not None and int(tbs) != total:
+        raise ConfigError(
+            f"train_batch_size={tbs} (from {sources['train_batch_size']}) != micro batch {micro} "
+            f"({sources['micro_batch_size']}) x gradient_accumulation_steps {gas} "
+            f"({sources['gradient_accumulation_steps']}) x data-parallel replicas {dp} (= {world_size} processes / "
+            f"{stages} stages) = {total}; set train_batch_size to {total} or \"auto\".")
+    sources["train_batch_size"] = sources.get("train_batch_size") if tbs is not None else "derived"
+    ds = {k: copy.deepcopy(v) for k, v in raw.items() if k not in ("bf16", "fp16", "zero_optimization", "optimizer",
+                                                                     "pipeline", "data_types")}
+    ds.update({
+        "train_batch_size": total,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": float(s["gradient_clipping"] or 0.0),
+        "steps_per_print": raw.get("steps_per_print", 10**9) if raw.get("steps_per_print") != AUTO else 10**9,
+    })
+    opt = copy.deepcopy(raw.get("optimizer") or {})
+    opt_type = opt.get("type", "AdamW")
+    if str(opt_type).lower() not in ("adamw", "adam"):
+        raise ConfigError(f"optimizer type {opt_type!r} is not supported by the pipeline trainer; use \"AdamW\".")
+    params = {k: v for k, v in (opt.get("params") or {}).items() if v != AUTO}
+    params.update({"lr": float(s["lr"]), "betas": [float(s["beta1"]), float(s["beta2"])], "eps": float(s["eps"]),
+                   "weight_decay": float(s["weight_decay"])})
+    params.setdefault("torch_adam", True)  # FusedAdam needs a JIT build; "fused": true is the fast path on GPU
+    if opt_type == "AdamW":
+        params.setdefault("adam_w_mode", True)
+    ds["optimizer"] = {"type": opt_type, "params": params}
+    bf16, fp16 = bool(s.get("bf16")), bool(s.get("fp16"))
+    ds["bf16"] = {**{k: v for k, v in (raw.get("bf16") or {}).items() if v != AUTO}, "enabled": bf16}
+    fp16_sec = {k: v for k, v in (raw.get("fp16") or {}).items() if v != AUTO}
+    if fp16:
+        fp16_sec.setdefault("loss_scale", 0)  # 0 = dynamic loss scaling
+        fp16_sec.setdefault("initial_scale_power", 16)
+        fp16_sec.setdefault("loss_scale_window", 1000)
+        fp16_sec.setdefault("hysteresis", 2)
+        fp16_sec.setdefault("min_loss_scale", 1)
+    ds["fp16"] = {**fp16_sec, "enabled": fp16}
+    data_types = copy.deepcopy(raw.get("data_types") or {})
+    if bf16:
+        data_types.setdefault("grad_accum_dtype", "fp32")
+        sources.setdefault("grad_accum_dtype", "default (bf16)")
+    if data_types:
+        ds["data_types"] = data_types
+    zero_sec = {k: v for k, v in (raw.get("zero_optimization") or {}).items() if v != AUTO}
+    ds["zero_optimization"] = {**zero_sec, "stage": zero}
+    pipe_sec = copy.deepcopy(raw.get("pipeline") or {})
+    pm = s["partition_method"]
+    pipe_sec.update({"stages": stages, "partition": pm if isinstance(pm, str) else list(pm),
+                     "activation_checkpoint_interval": int(s["activation_checkpoint_interval"])})
+    ds["pipeline"] = pipe_sec
+    return ds
+
+
+def format_sources(ds_config: dict, sources: dict) -> str:
+    """The merged config as ``setting = value   (source)`` lines, for the one log line at start-up."""
+    values = {
+        "num_stages": ds_config["pipeline"]["stages"], "partition_method": ds_config["pipeline"]["partition"],
+        "activation_checkpoint_interval": ds_config["pipeline"]["activation_checkpoint_interval"],
+        "micro_batch_size": ds_config["train_micro_batch_size_per_gpu"],
+        "gradient_accumulation_steps": ds_config["gradient_accumulation_steps"],
+        "train_batch_size": ds_config["train_batch_size"], "gradient_clipping": ds_config["gradient_clipping"],
+        "bf16": ds_config["bf16"]["enabled"], "fp16": ds_config["fp16"]["enabled"],
+        "zero_stage": ds_config["zero_optimization"]["stage"], "lr": ds_config["optimizer"]["params"]["lr"],
+        "weight_decay": ds_config["optimizer"]["params"]["weight_decay"],
+        "beta1": ds_config["optimizer"]["params"]["betas"][0], "beta2": ds_config["optimizer"]["params"]["betas"][1],
+        "eps": ds_config["optimizer"]["params"]["eps"],
+    }
+    if "data_types" in ds_config:
+        values["grad_accum_dtype"] = ds_config["data_types"].get("grad_accum_dtype")
+    width = max(len(k) for k in values)
+    return "\n".join(f"  {k:<{width}} = {v!s:<12} ({sources.get(k, DEFAULT)})" for k, v in values.items())
