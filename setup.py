@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["hfpipe", "hfpipe.*"]),
-    package_data={"hfpipe": ["metrics/*/*.py", "data/*", "data/*/*"]},
+    package_data={"hfpipe": ["metrics/*/*.py", "data/*", "data/*/*", "data/*/*/*"]},
     python_requires=">=3.10",
     # hfpipe overrides DeepSpeed and transformers internals (PipelineModule._partition_layers, the base-model
     # forwards it runs on stubs): tests/test_compat.py fails loudly when one of them changes.

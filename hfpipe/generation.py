@@ -1,0 +1,328 @@
+"""Autoregressive decoding through a pipeline, outside DeepSpeed's fixed training schedule.
+
+``PipelineEngine.eval_batch`` runs one fixed forward schedule, so it cannot generate. Here each stage runs its own
+layers (``pipe.forward_funcs``) directly and hands the hidden state to the next stage of the *same* data-parallel
+replica with ``torch.distributed.send/recv``; the last stage picks the next token and sends it back to every other
+stage of its replica, so that all of them know the new attention mask, positions and which sequences have finished.
+Replicas never talk to each other: each generates its own examples.
+
+The one idea: every stage keeps a ``transformers.DynamicCache`` for its own blocks, and blocks are called exactly as
+the family's ``forward`` calls them during HF ``generate`` -- ``cache=``, ``use_cache=True``, positions from the
+attention-mask cumsum (HF ``_prepare_position_ids_for_generation``), masks from ``transformers.masking_utils`` sized
+by the block's own cache layer. So after the prompt each new token costs one token of compute per layer, and greedy
+output equals ``model.generate(...)`` token for token (tests/test_generation.py, p = 1, 2, 4, with and without data
+parallelism). Only the hidden state crosses stages; masks and positions are rebuilt on every stage.
+
+Decoder-only families; beams are not implemented (greedy and sampling with temperature / top-k / top-p, using HF's
+own logits warpers).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+from transformers.cache_utils import DynamicCache
+from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
+
+__all__ = ["generate", "generate_continuations", "prompts_from_batch"]
+
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+# ----------------------------------------------------------------------------------------------- stage plumbing
+class _Stage:
+    """This rank's layers, its neighbours within its data-parallel replica, and its KV cache."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.adapter = pipe.adapter
+        self.config = pipe.config
+        if not self.adapter.causal:
+            raise ValueError(f"generation needs a decoder; {self.adapter.model_class.__name__} is an encoder "
+                             "(bidirectional attention). Use a *ForCausalLM model.")
+        if pipe.head.name != "causal-lm":
+            raise ValueError(f"generation needs a causal-LM head; this pipeline has a {pipe.head.name!r} head. Build "
+                             "it from AutoModelForCausalLM.")
+        topo = pipe._topo
+        self.num_stages = topo.get_dim("pipe")
+        coord = topo.get_coord(pipe.global_rank)._asdict()
+        self.stage = coord["pipe"]
+        self.ranks = [topo.get_rank(**{**coord, "pipe": s}) for s in range(self.num_stages)]
+        self.is_first = self.stage == 0
+        self.is_last = self.stage == self.num_stages - 1
+        self.layers = [(pipe.layer_infos[pipe._local_start + i], f) for i, f in enumerate(pipe.forward_funcs)]
+        params = [p for p in pipe.parameters() if p.is_floating_point()]
+        self.dtype = params[0].dtype if params else torch.float32
+        self.device = params[0].device if params else torch.device("cpu")
+        self.cache = None
+        self._shell_takes_positions = None
+
+    # -------------------------------------------------------------------------------------------- communication
+    def send_hidden(self, hidden: torch.Tensor) -> None:
+        dst = self.ranks[self.stage + 1]
+        header = torch.tensor(list(hidden.shape) + [_DTYPES.index(hidden.dtype)], dtype=torch.int64)
+        dist.send(header, dst)
+        dist.send(hidden.contiguous(), dst)
+
+    def recv_hidden(self) -> torch.Tensor:
+        src = self.ranks[self.stage - 1]
+        header = torch.empty(4, dtype=torch.int64)
+        dist.recv(header, src)
+        b, t, h, code = header.tolist()
+        hidden = torch.empty(b, t, h, dtype=_DTYPES[code], device=self.device)
+        dist.recv(hidden, src)
+        return hidden
+
+    def share_tokens(self, tokens: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """The last stage's chosen tokens, on every stage of the replica."""
+        if self.num_stages == 1:
+            return tokens
+        last = self.ranks[-1]
+        if self.is_last:
+            for rank in self.ranks[:-1]:
+                dist.send(tokens, rank)
+            return tokens
+        out = torch.empty(batch, dtype=torch.int64)
+        dist.recv(out, last)
+        return out
+
+    # ------------------------------------------------------------------------------------------------- compute
+    def _shell(self, module, hidden, attention_mask, position_ids):
+        if self._shell_takes_positions is None:
+            self._shell_takes_positions = "position_ids" in inspect.signature(module.base.forward).parameters
+        inputs = {"inputs_embeds": hidden, "attention_mask": attention_mask}
+        if self._shell_takes_positions:  # learned absolute positions (GPT-2, OPT) must see HF generate's positions
+            inputs["position_ids"] = position_ids
+        return self.adapter.shell_forward(module.base, inputs)
+
+    def _block(self, module, block_index, hidden, attention_mask, position_ids):
+        a = self.adapter
+        # the adapter's own kwargs (rotary embeddings, family extras); the mask is rebuilt against the cache
+        no_padding = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)  # cheap: mask replaced below
+        kwargs = a.block_kwargs(module, block_index, hidden, no_padding, position_ids)
+        mask_fn = a.mask_function(block_index)
+        kwargs["attention_mask"] = mask_fn(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                           cache=self.cache, position_ids=position_ids, layer_idx=block_index)
+        if self.cache is not None:
+            kwargs[self._cache_kwarg(module.layer)] = self.cache
+            kwargs["use_cache"] = True
+            seen = self.cache.get_seq_length(block_index)
+        out = module.layer(hidden, **kwargs)
+        if self.cache is not None and self.cache.get_seq_length(block_index) == seen:
+            raise RuntimeError(
+                f"block {block_index} ({type(module.layer).__name__}) did not write to the KV cache passed as "
+                f"{self._cache_kwarg(module.layer)!r}; this family takes its cache under another name. Use "
+                "use_cache=False, or report the family.")
+        return out[0] if isinstance(out, tuple) else out
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def _cache_kwarg_of(layer_type: type) -> str:
+        # transformers 5 names it ``cache``; some families keep ``layer_past`` (GPT-NeoX) or ``past_key_values``
+        names = inspect.signature(layer_type.forward).parameters
+        for name in ("cache", "past_key_values", "layer_past", "past_key_value"):
+            if name in names:
+                return name
+        return "cache"
+
+    def _cache_kwarg(self, layer) -> str:
+        return self._cache_kwarg_of(type(layer))
+
+    def forward(self, x, attention_mask, position_ids):
+        """Run this stage's layers. ``x``: new input ids (first stage) or the previous stage's hidden state;
+        ``attention_mask``: the full 2D mask (past + new); ``position_ids``: positions of the new tokens.
+        Returns the hidden state, or the last position's logits on the last stage."""
+        prefill_mask = attention_mask if x.shape[1] == attention_mask.shape[1] else None
+        for info, func in self.layers:
+            name = info.name
+            if name == "TokenEmbedding":
+                x = func.embed(x)
+            elif name == "BodyShell":
+                x = self._shell(func, x, prefill_mask, position_ids)
+            elif name in ("Block", "AttentionHalfBlock"):
+                x = self._block(func, info.block, x, attention_mask, position_ids)
+            elif name == "MLPHalfBlock":
+                out = func.layer(x)
+                x = out[0] if isinstance(out, tuple) else out
+            elif name == "Final":
+                # final norm / projection act per token: only the last position is needed for the next token
+                x = func((x[:, -1:], attention_mask, position_ids))
+            elif name in ("Head", "TiedLMHead"):
+                x = func(x)
+            else:
+                raise ValueError(f"generation does not know how to run pipeline layer {name!r} (layer {info}).")
+        return x[:, -1] if isinstance(x, torch.Tensor) and x.dim() == 3 and self.is_last else x
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _unwrap(model):
+    """An ``HFPipelineModule`` from a module or a DeepSpeed ``PipelineEngine``."""
+    pipe = getattr(model, "module", model)
+    if not hasattr(pipe, "layer_infos") or not hasattr(pipe, "forward_funcs"):
+        raise TypeError(f"generate expects an hfpipe HFPipelineModule or its PipelineEngine; got "
+                        f"{type(model).__name__}.")
+    return pipe
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def _warpers(temperature: float, top_k: int | None, top_p: float | None) -> LogitsProcessorList:
+    """HF's own warpers, in HF's order (temperature, top-k, top-p)."""
+    warpers = LogitsProcessorList()
+    if temperature is not None and temperature != 1.0:
+        if temperature <= 0:
+            raise ValueError(f"temperature={temperature} must be > 0; use do_sample=False for greedy decoding.")
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+    return warpers
+
+
+@torch.no_grad()
+def generate(model, inputs, attention_mask: torch.Tensor | None = None, *, max_new_tokens: int = 64,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             eos_token_id: int | Iterable[int] | None = None, pad_token_id: int | None = None,
+             seed: int | None = None, use_cache: bool = True) -> torch.Tensor:
+    """Decode through the pipeline; call it on **every rank** of a replica with that replica's batch.
+
+    Args:
+        model: the ``HFPipelineModule`` (from ``to_pipeline``) or its DeepSpeed ``PipelineEngine``.
+        inputs: left-padded prompt ids ``[B, L]`` -- or a batch dict, see :func:`generate_continuations` (the trainer's
+            ``generation_fn(engine, batch)`` contract).
+        attention_mask: ``[B, L]`` (1 = token, 0 = padding); ones if omitted.
+        max_new_tokens: tokens to add at most; a sequence stops at ``eos_token_id`` (then gets ``pad_token_id``), and
+            the loop stops when every sequence of the replica has stopped.
+        do_sample, temperature, top_k, top_p: sampling with HF's logits warpers; greedy when ``do_sample=False``.
+        eos_token_id, pad_token_id: default to the model config's.
+        seed: seeds the sampling generator on the last stage (reproducible sampling); global RNG if ``None``.
+        use_cache: per-stage KV cache (default). ``False`` recomputes the whole sequence every step (slow; for
+            measuring).
+
+    Returns ``[B, L + n]`` ids (prompt, then generated tokens, ``n <= max_new_tokens``), identical on every stage --
+    the same layout as ``transformers`` ``model.generate``.
+    """
+    if isinstance(inputs, Mapping):
+        return generate_continuations(model, inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                      temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                                      pad_token_id=pad_token_id, seed=seed, use_cache=use_cache)
+    pipe = _unwrap(model)
+    stage = _Stage(pipe)
+    config = pipe.config
+    input_ids = inputs.to(stage.device)
+    batch, prompt_len = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(stage.device).long()
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("generate needs left-padded prompts (attention_mask[:, -1] == 0 for some rows: right "
+                         "padding); pad on the left (tokenizer.padding_side = 'left').")
+    eos = _as_list(eos_token_id if eos_token_id is not None else config.eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    warpers = _warpers(temperature, top_k, top_p) if do_sample else None
+    generator = None
+    if do_sample and seed is not None:
+        generator = torch.Generator(device=stage.device).manual_seed(seed)
+
+    was_training = pipe.training
+    pipe.eval()
+    try:
+        # positions exactly as HF generate: cumsum of the mask - 1, padding at 0; then last + 1 per new token
+        positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        stage.cache = DynamicCache(config=config) if use_cache else None
+        unfinished = torch.ones(batch, dtype=torch.bool, device=stage.device)
+        step_ids, step_pos = input_ids, positions
+        for step in range(max_new_tokens):
+            x = step_ids if stage.is_first else stage.recv_hidden()
+            out = stage.forward(x, attention_mask, step_pos)
+            tokens = None
+            if stage.is_last:
+                logits = out.to(torch.float32)
+                if do_sample:
+                    scores = warpers(input_ids, logits)
+                    probs = torch.softmax(scores, dim=-1)
+                    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                else:
+                    tokens = logits.argmax(dim=-1)
+                tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad_token_id))
+            else:
+                stage.send_hidden(out)
+            tokens = stage.share_tokens(tokens, batch)
+            input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
+            positions = torch.cat([positions, positions[:, -1:] + 1], dim=-1)
+            if eos:
+                unfinished &= ~torch.isin(tokens, torch.tensor(eos, device=tokens.device))
+            if not bool(unfinished.any()):
+                break
+            if use_cache:
+                step_ids, step_pos = tokens[:, None], positions[:, -1:]
+            else:
+                step_ids, step_pos = input_ids, positions
+    finally:
+        stage.cache = None
+        pipe.train(was_training)
+    return input_ids
+
+
+def prompts_from_batch(batch: Mapping[str, torch.Tensor], pad_token_id: int = 0):
+    """Left-padded prompts ``(input_ids, attention_mask)`` from a training-format batch.
+
+    With ``labels``, the prompt of a row is its tokens before the first supervised label (``labels != -100``), as
+    :mod:`hfpipe.tasks.text2text` builds them; without, the whole (unpadded) row.
+    """
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    labels = batch.get("labels")
+    rows = []
+    for i in range(ids.shape[0]):
+        keep = mask[i].bool()
+        if labels is not None:
+            supervised = (labels[i] != -100).nonzero()
+            if len(supervised):
+                keep = keep & (torch.arange(ids.shape[1]) < int(supervised[0]))
+        rows.append(ids[i][keep])
+    width = max(1, max(len(r) for r in rows))
+    out = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    out_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            out[i, width - len(r):] = r
+            out_mask[i, width - len(r):] = 1
+    return out, out_mask
+
+
+def generate_continuations(model, batch: Mapping[str, torch.Tensor], *, max_new_tokens: int = 64,
+                           **kwargs) -> torch.Tensor:
+    """The trainer's ``generation_fn(engine, batch)``: generated tokens only, ``[B, max_new_tokens]``.
+
+    Prompts come from :func:`prompts_from_batch` (re-padded on the left), so a batch in training format (prompt +
+    target + padding, labels -100 on the prompt) can be given as is. Rows are padded with ``pad_token_id`` after
+    their end, so every batch has the same width and predictions concatenate across batches.
+    """
+    pipe = _unwrap(model)
+    config = pipe.config
+    pad = kwargs.get("pad_token_id")
+    if pad is None:
+        eos = _as_list(kwargs.get("eos_token_id") if kwargs.get("eos_token_id") is not None else config.eos_token_id)
+        pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+        kwargs["pad_token_id"] = pad
+    ids, mask = prompts_from_batch(batch, pad)
+    out = generate(pipe, ids, mask, max_new_tokens=max_new_tokens, **kwargs)[:, ids.shape[1]:]
+    if out.shape[1] < max_new_tokens:
+        out = torch.cat([out, out.new_full((out.shape[0], max_new_tokens - out.shape[1]), pad)], dim=-1)
+    return out
