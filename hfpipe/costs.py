@@ -186,6 +186,9 @@ def layer_costs(builder, workload: Workload | None = None, **workload_kwargs) ->
                     act_elems += T * heads * w.seq_len  # the attention probabilities
             ckpt_elems = T * hidden
             recompute = 1.0 if w.activation_checkpointing else 0.0
+        elif info.kind == "prelude":  # a shared per-block table (DeBERTa's relative positions): norm over its rows
+            fwd = float(info.num_params) * NORM_FLOPS
+            act_elems = ckpt_elems = float(info.num_params)
         elif info.name == "TokenEmbedding":
             fwd, bwd_factor = T * hidden, 1.0  # a gather; backward is a scatter-add into the table
             act_elems = ckpt_elems = T * 4  # the int64 ids (in units of the activation dtype: close enough)

@@ -100,6 +100,15 @@ class _StubBody(nn.Module):
         out, self.output = self.output, None
         return out
 
+    def __getattr__(self, name):
+        # task models that reach into their body (OPTForCausalLM calls ``self.model.decoder(...)``) get the stub
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_"):
+                raise
+            return self
+
 
 def task_shell(adapter) -> nn.Module:
     """Meta copy of the task model with the base model replaced by a stub: only the head's modules remain."""

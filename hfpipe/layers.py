@@ -159,7 +159,7 @@ class Final(PipeLayer):
             self._prefixes.append(prefix)
             self.final.append(self._materialize(builder.meta_copy(meta), "", prefix))
         self.pooler = None
-        if builder.head.uses_pooler and a.pooler_path and a.meta_base.get_submodule(a.pooler_path) is not None:
+        if builder.head.uses_pooler and a.pooler_path and getattr(a.meta_base, a.pooler_path, None) is not None:
             self._pooler_prefix = a.hf_prefix(a.pooler_path)
             self.pooler = self._materialize(builder.meta_copy(a.meta_base.get_submodule(a.pooler_path)), "",
                                             self._pooler_prefix)

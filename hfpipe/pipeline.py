@@ -96,8 +96,13 @@ class PipelineBuilder:
                     infos.append(LayerInfo(LayerSpec(cls, self, len(infos), b), cls.__name__, "block", True, n,
                                            block=b, part=cls.part))
                 continue
+            prelude = a.block_prelude(self, b, len(infos))
+            if prelude is not None:
+                spec, name, n = prelude
+                infos.append(LayerInfo(spec, name, "prelude", True, n, block=b))
             idx = len(infos)
-            infos.append(LayerInfo(LayerSpec(Block, self, idx, b), "Block", "block", True, count(blocks[b]), block=b))
+            infos.append(LayerInfo(LayerSpec(a.block_class or Block, self, idx, b), "Block", "block",
+                                   prelude is None, count(blocks[b]), block=b))
         final_params = sum(count(m) for _, m in a.final_modules())
         if self.head.uses_pooler and a.pooler_path:
             final_params += count(getattr(a.meta_base, a.pooler_path, None))

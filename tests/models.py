@@ -30,7 +30,7 @@ ENCODERS = {
     "deberta-v2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                        max_position_embeddings=64, relative_attention=True, position_buckets=8,
                        max_relative_positions=16, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
-                       type_vocab_size=0),
+                       type_vocab_size=0, conv_kernel_size=3),
 }
 
 FAMILIES = {**DECODERS, **ENCODERS}

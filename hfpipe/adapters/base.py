@@ -90,6 +90,14 @@ class Adapter:
     #: Inputs the first stage takes besides ``input_ids`` and ``attention_mask``.
     extra_input_names: tuple[str, ...] = ()
 
+    #: Layer class for one block (``None``: :class:`hfpipe.layers.Block`).
+    block_class: type | None = None
+
+    def block_prelude(self, builder, block_index: int, index: int):
+        """An extra layer in front of block ``block_index`` (e.g. DeBERTa's shared relative table), as
+        ``(spec, name, num_params)``, or ``None``. A stage never starts between it and its block."""
+        return None
+
     def __init__(self, config, model_class: type, meta_model: nn.Module):
         self.config = config
         self.model_class = model_class
