@@ -183,3 +183,30 @@ def test_verify_bf16(dist_pool, tmp_path):
     report = verify(s, stages=2, micro_batches=2, pool=dist_pool(2))
     assert report["tolerance"] == 2e-2
     assert report["passed"], format_report(report)
+
+
+MORE_FAMILIES = {
+    "qwen3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=64),
+    "gemma2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=6,
+                   final_logit_softcapping=5.0, attn_logit_softcapping=10.0),
+    "phi3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64),
+    "olmo2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64),
+    "starcoder2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=64, sliding_window=6),
+    "mixtral": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(MORE_FAMILIES))
+def test_more_pp_plan_families(dist_pool, model_type):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type, vocab_size=128, pad_token_id=0, **MORE_FAMILIES[model_type])
+    s = ModelSpec(class_name=transformers.AutoModelForCausalLM._model_mapping[type(config)].__name__,
+                  config=config.to_dict(), seed=2)
+    check(verify(s, stages=2, micro_batches=2, batch_size=4, seq_len=12, pool=dist_pool(2)))
