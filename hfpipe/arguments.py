@@ -28,7 +28,7 @@ class PipelineTrainingArguments:
     num_stages: int = field(default=2, metadata={"help": "Pipeline stages; world size / stages = data-parallel "
                                                          "replicas."})
     partition_method: str = field(
-        default="parameters", metadata={"help": "balanced | balanced:blocks | parameters | uniform | type:<regex> | "
+        default="balanced", metadata={"help": "balanced | balanced:blocks | parameters | uniform | type:<regex> | "
                                                 "comma-separated first layer index of each stage."})
     activation_checkpoint_interval: int = field(default=0, metadata={"help": "Checkpoint activations every N "
                                                                              "layers (0: off)."})

@@ -327,3 +327,19 @@ def to_pipeline(model, *, num_stages: int | None = None, topology=None, partitio
             if p.is_floating_point():
                 p.data = p.data.to(dtype)
     return pipe
+
+
+def initialize(pipe: HFPipelineModule, config: dict, **kwargs):
+    """``deepspeed.initialize`` for an hfpipe pipeline: validates ``config`` first (ZeRO stage, batch sizes, dtypes),
+    passes ``model_parameters`` and sets ``engine.has_bool_tensors = False`` (hfpipe sends no bool tensors between
+    stages). Returns what ``deepspeed.initialize`` returns."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from .dsconfig_check import validate_pipeline_ds_config
+
+    validate_pipeline_ds_config(config, pipe.num_stages, dist.get_world_size())
+    kwargs.setdefault("model_parameters", [p for p in pipe.parameters() if p.requires_grad])
+    out = deepspeed.initialize(model=pipe, config=config, **kwargs)
+    out[0].has_bool_tensors = False
+    return out
