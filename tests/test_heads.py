@@ -211,3 +211,65 @@ def test_more_pp_plan_families(dist_pool, model_type):
     s = ModelSpec(class_name=transformers.AutoModelForCausalLM._model_mapping[type(config)].__name__,
                   config=config.to_dict(), seed=2)
     check(verify(s, stages=2, micro_batches=2, batch_size=4, seq_len=12, pool=dist_pool(2)))
+
+
+# ----------------------------------------------------------------------------- saved folders (save_pretrained)
+FAMILY_HEADS = {"llama": "causal-lm", "mistral": "causal-lm", "qwen2": "causal-lm", "gemma": "causal-lm",
+                "gpt_neox": "causal-lm", "gpt2": "causal-lm", "opt": "causal-lm", "bert": "sequence-classification",
+                "roberta": "token-classification", "distilbert": "question-answering",
+                "deberta-v2": "sequence-classification"}
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("saved")
+    out = {}
+    for model_type, head in FAMILY_HEADS.items():
+        s = spec(model_type, head)
+        model = s.build()
+        model.save_pretrained(root / model_type)
+        out[model_type] = str(root / model_type)
+    return out
+
+
+@pytest.mark.parametrize("stages", [1, 2, 4])
+@pytest.mark.parametrize("model_type", sorted(FAMILY_HEADS))
+def test_verify_saved_folder(dist_pool, saved_models, model_type, stages):
+    from hfpipe.verify import verify_dir
+
+    report = verify_dir(saved_models[model_type], stages=stages, micro_batches=2, batch_size=4, seq_len=10,
+                        pool=dist_pool(stages))
+    check(report)
+
+
+def _load_from_folder(path: str, stages: int):
+    import torch.distributed as dist
+
+    from hfpipe import to_pipeline
+
+    pipe = to_pipeline(path, num_stages=stages)
+    source = pipe.hfpipe_builder.source
+    weights = {name: p.detach().clone() for name, p in pipe.hf_named_parameters()}
+    dist.barrier()
+    return {"weights": weights, "names_read": sorted(source.names_read), "bytes_read": source.bytes_read}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "bert"])
+def test_to_pipeline_from_folder_reads_only_own_layers(dist_pool, saved_models, model_type):
+    """Each rank reads only the tensors of its own layers, and gets exactly the saved weights."""
+    from safetensors.torch import load_file
+
+    path = saved_models[model_type]
+    saved = load_file(os.path.join(path, "model.safetensors"))
+    per_rank = dist_pool(2).run(_load_from_folder, path, 2)
+    for result in per_rank:
+        for name, tensor in result["weights"].items():
+            key = name if name in saved else None
+            if key is None:  # a tied weight the file stores once
+                continue
+            torch.testing.assert_close(tensor, saved[key], rtol=0, atol=0)
+        assert set(result["names_read"]) <= set(saved)
+        assert result["bytes_read"] < sum(t.numel() * t.element_size() for t in saved.values())
+    assert set(per_rank[0]["names_read"]).isdisjoint(per_rank[1]["names_read"])
+    all_weights = {n for r in per_rank for n in r["weights"]}
+    assert set(saved) <= all_weights
