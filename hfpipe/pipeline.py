@@ -157,6 +157,21 @@ def compute_parts(method, infos: Sequence[LayerInfo], num_stages: int, num_block
     )
 
 
+def stage_parts(builder: PipelineBuilder, infos: Sequence[LayerInfo], num_stages: int, partition_method, *,
+                seq_len: int | None = None, micro_batch_size: int = 1, activation_checkpointing: bool = False,
+                layer_costs: Sequence[float] | None = None) -> list[int]:
+    """Stage boundaries of ``builder``'s layers; ``"balanced"`` methods estimate per-layer FLOPs when no
+    ``layer_costs`` are given."""
+    if layer_costs is None and isinstance(partition_method, str) and partition_method.lower().startswith("balanced"):
+        from .costs import default_seq_len, layer_costs as estimate_costs
+
+        layer_costs = [c.flops for c in estimate_costs(
+            builder, seq_len=seq_len or default_seq_len(builder.adapter.config), micro_batch_size=micro_batch_size,
+            activation_checkpointing=activation_checkpointing)]
+    return compute_parts(partition_method, infos, num_stages, builder.adapter.num_blocks,
+                         builder.adapter.model_class.__name__, costs=layer_costs)
+
+
 class HFPipelineModule(PipelineModule):
     """A ``PipelineModule`` over an HF model that knows its HF names and partitions without building layers."""
 
@@ -303,14 +318,8 @@ def to_pipeline(model, *, num_stages: int | None = None, topology=None, partitio
     builder = prepare(model, model_class, seed=seed)
     infos = builder.layers()
     stages = num_stages if num_stages is not None else topology.get_dim("pipe")
-    if layer_costs is None and isinstance(partition_method, str) and partition_method.lower().startswith("balanced"):
-        from .costs import default_seq_len, layer_costs as estimate_costs
-
-        layer_costs = [c.flops for c in estimate_costs(
-            builder, seq_len=seq_len or default_seq_len(builder.adapter.config), micro_batch_size=micro_batch_size,
-            activation_checkpointing=activation_checkpoint_interval > 0)]
-    parts = compute_parts(partition_method, infos, stages, builder.adapter.num_blocks,
-                          builder.adapter.model_class.__name__, costs=layer_costs)
+    parts = stage_parts(builder, infos, stages, partition_method, seq_len=seq_len, micro_batch_size=micro_batch_size,
+                        activation_checkpointing=activation_checkpoint_interval > 0, layer_costs=layer_costs)
     _ensure_distributed()
     import torch.distributed as dist
 

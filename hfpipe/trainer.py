@@ -544,6 +544,15 @@ class PipelineTrainer:
         args, step = self.args, self.state.global_step
         path = os.path.join(args.output_dir, f"checkpoint-{step}")
         self.engine.save_checkpoint(path, client_state={"hfpipe_global_step": step})
+        if self.rank == 0:  # what `hfpipe export` / to_pipeline(path) need to read the layer files back
+            from .checkpoint import write_manifest
+
+            pipe = self.pipe
+            write_manifest(path, pipe.hfpipe_builder, pipe.layer_infos, parts=pipe.parts,
+                           partition_method=self.args.partition_method, dtype=self._weights_dtype(),
+                           source="PipelineTrainer", global_step=step)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(path)
         torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
                    os.path.join(path, f"rng_state_{self.rank}.pth"))
         key = args.metric_for_best_model
@@ -590,7 +599,11 @@ class PipelineTrainer:
         if state.get("train_batch_size") != self.global_batch_size:
             raise ValueError(f"{path} was written with a global batch of {state.get('train_batch_size')}, this run "
                              f"uses {self.global_batch_size}; resume with the same batch settings.")
-        self.engine.load_checkpoint(path)
+        saved_stages = state.get("num_stages", self.num_stages)
+        if saved_stages == self.num_stages:
+            self.engine.load_checkpoint(path)
+        else:
+            self._load_resharded(path, saved_stages)
         self.state.log_history = state.get("log_history", [])
         self.state.best_metric = state.get("best_metric")
         self.state.best_model_checkpoint = state.get("best_model_checkpoint")
@@ -601,6 +614,27 @@ class PipelineTrainer:
             np.random.set_state(s["numpy"])
             torch.set_rng_state(s["torch"])
         return int(state["global_step"])
+
+    def _weights_dtype(self) -> str:
+        return "bfloat16" if self.engine.bfloat16_enabled() else "float16" if self.engine.fp16_enabled() else "float32"
+
+    def _load_resharded(self, path: str, saved_stages: int) -> None:
+        """Resume a checkpoint written at another stage count: weights (layer files are indexed by the fixed layer
+        list), step, LR schedule and data position carry over; DeepSpeed keeps optimizer states per stage, so the
+        optimizer restarts from zero moments (warned)."""
+        import warnings
+
+        warnings.warn(f"{path} was saved with {saved_stages} pipeline stages and this run has {self.num_stages}: "
+                      "weights, step, LR schedule and data position are restored, the optimizer states (Adam moments) "
+                      "are reset. Resume with the same stage count to keep them.", stacklevel=3)
+        engine = self.engine
+        engine.load_checkpoint(path, load_optimizer_states=False, load_lr_scheduler_states=True)
+        opt = engine.optimizer
+        if hasattr(opt, "refresh_fp32_params"):  # bf16/fp16 optimizers keep fp32 masters of the loaded weights
+            opt.refresh_fp32_params()
+        if engine.lr_scheduler is not None:  # the optimizer's param groups did not come from the checkpoint
+            for group, lr in zip(opt.param_groups, engine.lr_scheduler.get_last_lr()):
+                group["lr"] = lr
 
     # ------------------------------------------------------------------------------------------------- export
     def export_model(self, output_dir: str, checkpoint: str | None = None) -> str:
@@ -621,7 +655,7 @@ class PipelineTrainer:
                 exporter = None
         if exporter is not None:
             if self.rank == 0:
-                exporter(checkpoint, output_dir)
+                exporter(checkpoint, output_dir, overwrite=True, progress=not self.args.disable_tqdm)
                 if self.processing_class is not None:
                     self.processing_class.save_pretrained(output_dir)
             dist.barrier()
@@ -656,13 +690,22 @@ class PipelineTrainer:
         return output_dir
 
     def _push(self, folder: str, metrics: dict):
+        """Rank 0 uploads ``folder`` with a model card (metrics, the resolved config, base model, dataset)."""
         if self.rank != 0:
             return None
-        from .hub import push_to_hub
+        from .hub import hyperparameters, push_to_hub
 
         if not self.args.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id user/name.")
-        return push_to_hub(folder, self.args.hub_model_id, private=self.args.hub_private_repo)
+        hp = hyperparameters(self.ds_config, self.args)
+        hp["world_size"] = self.world_size
+        info = {"metrics": metrics, "hyperparameters": hp, "task": self.pipe.head.name,
+                "base_model": getattr(self.pipe.config, "_name_or_path", None) or None}
+        ds_info = getattr(self.train_dataset, "info", None)
+        name = getattr(ds_info, "dataset_name", None)
+        if name and name not in ("json", "csv", "parquet", "text", "arrow", "generator", "pandas"):
+            info["dataset"] = name  # a Hub dataset; local files and generated data have a builder name only
+        return push_to_hub(folder, self.args.hub_model_id, private=self.args.hub_private_repo, card_info=info)
 
     # ------------------------------------------------------------------------------------------------- curves
     def plot_curves(self, path: str) -> str | None:

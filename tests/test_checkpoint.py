@@ -1,4 +1,4 @@
-"""Checkpoint reading (issue 4). convert/export tests are not written yet."""
+"""Checkpoint reading (issue 4): lazy, stage-local safetensors sources. convert/export: tests/test_convert.py."""
 
 import pytest
 import torch

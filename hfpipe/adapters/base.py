@@ -220,6 +220,8 @@ def materialize(module: nn.Module, init_owner: nn.Module, source=None, hf_names:
     layer's random init does not depend on which rank builds it.
     """
     module = module.to_empty(device=device)
+    if torch.device(device).type == "meta":  # names and shapes only (checkpoint tables): nothing to load or init
+        return module
     loaded = set()
     if source is not None and hf_names:
         state = dict(module.named_parameters())
