@@ -513,10 +513,10 @@ def _copy_side_files(src: Path | None, dst: Path) -> list[str]:
     return copied
 
 
-def _progress(iterable, desc: str, enabled: bool, total=None):
+def _progress(iterable, desc: str, enabled: bool, unit: str = "layer"):
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, unit="layer", total=total, disable=not enabled)
+    return tqdm(iterable, desc=desc, unit=unit, disable=not enabled)
 
 
 def convert(model, output_dir, *, num_stages: int = 1, partition_method="balanced", dtype=None, model_class=None,
@@ -638,7 +638,7 @@ def export(checkpoint, output_dir, *, dtype=None, max_shard_size="5GB", overwrit
     out, tmp = _prepare_output(output_dir, overwrite)
     try:
         state = {}
-        for name in _progress(expected, "export", progress):
+        for name in _progress(expected, "export", progress, unit="tensor"):
             state[name] = source.get(name).contiguous()
         state = _to_checkpoint_names(meta_model, state)
         save_torch_state_dict(state, tmp, max_shard_size=max_shard_size, metadata={"format": "pt"})

@@ -297,7 +297,8 @@ def to_pipeline(model, *, num_stages: int | None = None, topology=None, partitio
     Args:
         model: an HF task model instance (``AutoModelForCausalLM.from_pretrained(...)``, ...), or a config together
             with ``model_class`` (built without weights, initialised like HF), or a folder / Hub id (weights are read
-            stage-locally from safetensors).
+            stage-locally from safetensors), or a pipeline checkpoint (``hfpipe convert``, a trainer
+            ``checkpoint-N``; only the stage's layer files are opened).
         num_stages: pipeline stages; the world size must be a multiple (the rest is data parallelism).
         partition_method: ``"balanced"`` (default: the split minimising the slowest stage's forward+backward FLOPs
             under ``hfpipe.costs``, cutting between block halves where the family has them), ``"balanced:blocks"``

@@ -219,6 +219,9 @@ def materialize(module: nn.Module, init_owner: nn.Module, source=None, hf_names:
     initialised by the family's ``_init_weights`` (``init_owner`` is the meta task model), under ``seed`` so that a
     layer's random init does not depend on which rank builds it.
     """
+    dtype = getattr(source, "dtype", None)
+    if dtype is not None:  # allocate in the dtype the weights arrive in (free on meta; no fp32 copy of a bf16 model)
+        module = module.to(dtype=dtype)
     module = module.to_empty(device=device)
     if torch.device(device).type == "meta":  # names and shapes only (checkpoint tables): nothing to load or init
         return module
