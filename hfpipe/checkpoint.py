@@ -50,15 +50,27 @@ class _Names:
 
     base_model_prefix = ""
     tied: dict[str, str] = {}
+    aliases: dict[str, str] = {}  # model name -> stored name (transformers' load-time renamings)
 
-    def _candidates(self, name: str) -> list[str]:
+    def keys(self):
+        """The stored names."""
+        raise NotImplementedError
+
+    def _resolve(self, name: str) -> str | None:
+        """The stored name that holds ``name``, or ``None``."""
+        stored = self.keys()
         candidates = [name]
         p = self.base_model_prefix
         if p:
             candidates.append(name[len(p) + 1:] if name.startswith(p + ".") else f"{p}.{name}")
         if name in self.tied:
             candidates.append(self.tied[name])
-        return candidates
+        for c in candidates:
+            if c in stored:
+                return c
+            if c in self.aliases:
+                return self.aliases[c]
+        return None
 
 
 class SafetensorsSource(_Names):
@@ -110,14 +122,6 @@ class SafetensorsSource(_Names):
 
     def keys(self):
         return self.weight_map.keys()
-
-    def _resolve(self, name: str) -> str | None:
-        for c in self._candidates(name):
-            if c in self.weight_map:
-                return c
-            if c in self.aliases:
-                return self.aliases[c]
-        return None
 
     def get(self, name: str):
         key = self._resolve(name)
@@ -396,12 +400,6 @@ class PipelineCheckpointSource(_Names):
 
     def keys(self):
         return self.table.keys()
-
-    def _resolve(self, name: str) -> str | None:
-        for c in self._candidates(name):
-            if c in self.table:
-                return c
-        return None
 
     def load_file(self, file: str) -> dict:
         state = self._files.get(file)
