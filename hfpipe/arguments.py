@@ -23,8 +23,8 @@ class PipelineTrainingArguments:
     output_dir: str = field(default="out", metadata={"help": "Where checkpoints, logs and the final model go."})
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON (e.g. ds_configs/cpu_fp32.json)."})
     accelerate_config: str | None = field(
-        default=None, metadata={"help": "Accelerate YAML; the ACCELERATE_* variables of `accelerate launch` are read "
-                                        "too."})
+        default=None, metadata={"help": "Accelerate config YAML, or 'default' ($HF_HOME/accelerate/default_config"
+                                        ".yaml); the ACCELERATE_* variables of `accelerate launch` are read too."})
     num_stages: int = field(default=2, metadata={"help": "Pipeline stages; world size / stages = data-parallel "
                                                          "replicas."})
     partition_method: str = field(

@@ -119,6 +119,139 @@ def _plan(p: argparse.ArgumentParser):
     return run
 
 
+# ----------------------------------------------------------------------------------------------------- ds-config
+@command("ds-config", "print the DeepSpeed config a run would use and where each value comes from (command line > "
+                      "Accelerate > DeepSpeed JSON > defaults); takes any recipe flag as an override")
+def _ds_config(p: argparse.ArgumentParser):
+    p.add_argument("--accelerate-config", "--accelerate_config", dest="accelerate_config",
+                   help="Accelerate YAML, or 'default' ($HF_HOME/accelerate/default_config.yaml); the ACCELERATE_* "
+                        "variables of `accelerate launch` are read too")
+    p.add_argument("--deepspeed", help="DeepSpeed JSON")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="processes (default: Accelerate's num_processes, else $WORLD_SIZE, else one replica)")
+    p.add_argument("--json", action="store_true", help="print only the DeepSpeed JSON, on one line (the last)")
+    p.set_defaults(_extra_args=True)
+
+    def run(args) -> int:
+        from .config import describe, format_sources
+
+        argv = [*(["--accelerate_config", args.accelerate_config] if args.accelerate_config else []),
+                *(["--deepspeed", args.deepspeed] if args.deepspeed else []), *args.extra]
+        ds, sources, world, world_src = describe(argv, world_size=args.world_size)
+        if args.json:
+            _print_json_last(ds)
+        else:
+            print(json.dumps(ds, indent=2))
+            stages = ds["pipeline"]["stages"]
+            print(f"\nworld size {world} ({world_src}) = {stages} stages x {world // stages} data-parallel replicas"
+                  "\nwhere each value comes from (command line > Accelerate > DeepSpeed JSON > defaults):\n"
+                  + format_sources(ds, sources))
+        return 0
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------- push
+@command("push", "upload a model folder (or a pipeline checkpoint, exported first) to the Hugging Face Hub with a "
+                 "model card")
+def _push(p: argparse.ArgumentParser):
+    p.add_argument("path", help="an HF model folder (config.json + *.safetensors, e.g. output_dir/final) or a "
+                                "pipeline checkpoint-N folder")
+    p.add_argument("--repo-id", required=True, help="user/name or org/name")
+    p.add_argument("--private", action="store_true", help="create the repo as private (if it does not exist)")
+    p.add_argument("--revision", help="branch to push to (created if missing; default main)")
+    p.add_argument("--commit-message")
+    p.add_argument("--export-dir", help="where a checkpoint is exported (default: <path>-hf)")
+    p.add_argument("--base-model", help="Hub id of the model this was fine-tuned from (model card)")
+    p.add_argument("--dataset", help="Hub id of the training dataset (model card)")
+
+    def run(args) -> int:
+        from .hub import PushError, push
+
+        try:
+            url = push(args.path, args.repo_id, export_dir=args.export_dir, base_model=args.base_model,
+                       dataset=args.dataset, private=args.private, revision=args.revision,
+                       commit_message=args.commit_message)
+        except PushError as exc:
+            print(f"hfpipe push: error: {exc}", file=sys.stderr)
+            return 1
+        print(f"pushed {args.path} to {url}")
+        return 0
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------------------- convert
+def _model_class(name: str | None):
+    if not name:
+        return None
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise ValueError(f"--model-class {name!r} is not a transformers class; use e.g. AutoModelForCausalLM or "
+                         "BertForSequenceClassification.")
+    return cls
+
+
+@command("convert", "write an HF model as a DeepSpeed pipeline checkpoint (stage-loadable at any stage count)")
+def _convert(p: argparse.ArgumentParser):
+    p.add_argument("model", help="HF model folder (safetensors) or a Hub id in the local cache")
+    p.add_argument("--output", required=True, help="new folder for the checkpoint")
+    p.add_argument("--stages", type=int, default=1, help="pipeline stages recorded as the partition (the files "
+                   "load at any stage count)")
+    p.add_argument("--partition", default="balanced",
+                   help="balanced | balanced:blocks | parameters | uniform | type:<regex> | first layer of each stage")
+    p.add_argument("--dtype", default="auto", help="auto (keep the checkpoint's) | fp32 | bf16 | fp16")
+    p.add_argument("--model-class", help="task class when config.architectures has none hfpipe supports, e.g. "
+                   "BertForSequenceClassification (a missing head is initialised as HF does)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--no-progress", action="store_true")
+
+    def run(args) -> int:
+        from .checkpoint import convert
+
+        m = convert(args.model, args.output, num_stages=args.stages, partition_method=parse_partition(args.partition),
+                    dtype=args.dtype, model_class=_model_class(args.model_class), overwrite=args.overwrite,
+                    progress=not args.no_progress)
+        parts = m["partition"]["parts"]
+        print(f"wrote {args.output}: {m['architecture']}, {m['num_layers']} layers, {m['partition']['num_stages']} "
+              f"stages (first layers {parts[:-1]}), dtype {m['dtype']}")
+        if m["missing_keys"]:
+            print(f"  initialised (not in the source): {', '.join(m['missing_keys'])}")
+        if m["unused_keys"]:
+            print(f"  not used by {m['architecture']}: {', '.join(m['unused_keys'])}")
+        return 0
+
+    return run
+
+
+# -------------------------------------------------------------------------------------------------------- export
+@command("export", "write a pipeline checkpoint (converted or trained) as an HF folder for from_pretrained")
+def _export(p: argparse.ArgumentParser):
+    p.add_argument("checkpoint", help="folder from `hfpipe convert`, a trainer checkpoint-N, or any "
+                   "engine.save_checkpoint folder (its 'latest' tag) / tag folder")
+    p.add_argument("--output", required=True, help="new HF model folder")
+    p.add_argument("--dtype", default="auto", help="auto (as saved) | fp32 | bf16 | fp16")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--model", help="HF folder or config.json of the model, when the checkpoint has no "
+                   "hfpipe.json/config.json (a bare engine.save_checkpoint)")
+    p.add_argument("--model-class", help="task class, with --model")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--no-progress", action="store_true")
+
+    def run(args) -> int:
+        from .checkpoint import export
+
+        out = export(args.checkpoint, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                     overwrite=args.overwrite, model=args.model, model_class=_model_class(args.model_class),
+                     progress=not args.no_progress)
+        print(f"wrote {out} (load it with AutoModelFor<Task>.from_pretrained({out!r}))")
+        return 0
+
+    return run
+
+
 # ---- more subcommands go above this line, one @command function each (plan, convert, export, ds-config, push) ----
 
 
@@ -135,7 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "_extra_args", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     try:
         return int(args._run(args) or 0)
     except (ValueError, FileNotFoundError, KeyError) as exc:  # user errors: one clear line, no traceback

@@ -155,23 +155,26 @@ def _describe_cli(field: str, value) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ merge
-def resolve_ds_config(args, world_size: int, *, argv: Sequence[str] | None = None,
+def resolve_ds_config(args, world_size: int | None, *, argv: Sequence[str] | None = None,
                       env: Mapping[str, str] | None = None,
                       accelerate: tuple[dict, dict] | None = None) -> tuple[dict, dict]:
     """``(ds_config, sources)`` for ``args`` (a ``PipelineTrainingArguments``) on ``world_size`` processes.
 
     ``sources[setting]`` says where each value came from. ``accelerate`` injects the Accelerate layer (tests);
-    otherwise it is read from ``args.accelerate_config`` and ``env`` (default ``os.environ``).
+    otherwise it is read from ``args.accelerate_config`` and ``env`` (default ``os.environ``). ``world_size=None``
+    (``hfpipe ds-config`` without a launch): Accelerate's ``num_processes`` if given, else one replica per stage.
     """
     explicit = explicit_fields(args, argv)
     acc, acc_src = accelerate if accelerate is not None else _accelerate_layer(args, env)
     acc, acc_src = dict(acc), dict(acc_src)
     _flatten_pipeline(acc, acc_src)
     procs = acc.pop("num_processes", None)
+    if world_size is None and procs is not None:
+        world_size = int(procs)
     if procs is not None and int(procs) != world_size:
         raise ConfigError(f"num_processes={procs} (from {acc_src.get('num_processes', 'accelerate')}) but "
                           f"{world_size} processes were launched; launch {procs} processes or fix num_processes.")
-    acc_src.pop("num_processes", None)
+    procs_src = acc_src.pop("num_processes", None)
     ds_path = args.deepspeed
     if acc.get("deepspeed_config_file"):
         acc_path = acc.pop("deepspeed_config_file")
@@ -211,6 +214,13 @@ def resolve_ds_config(args, world_size: int, *, argv: Sequence[str] | None = Non
         elif key in FALLBACK_DEFAULTS:
             settings[key], sources[key] = FALLBACK_DEFAULTS[key], DEFAULT
     _check_precision(settings, sources, layers)
+    if procs is not None and int(procs) % int(settings["num_stages"]):
+        raise ConfigError(f"num_processes={procs} (from {procs_src}) is not divisible by num_stages="
+                          f"{settings['num_stages']} (from {sources['num_stages']}); every pipeline needs all its "
+                          f"stages: set num_processes to a multiple of {settings['num_stages']}, or a num_stages that "
+                          f"divides {procs}.")
+    if world_size is None:
+        world_size = int(settings["num_stages"])
     ds = _build(settings, sources, raw, world_size)
     return ds, sources
 
@@ -308,6 +318,31 @@ def _build(s: dict, sources: dict, raw: dict, world_size: int) -> dict:
                      "activation_checkpoint_interval": int(s["activation_checkpoint_interval"])})
     ds["pipeline"] = pipe_sec
     return ds
+
+
+def describe(argv: Sequence[str] = (), *, world_size: int | None = None,
+             env: Mapping[str, str] | None = None) -> tuple[dict, dict, int, str]:
+    """What ``hfpipe ds-config`` prints: ``(ds_config, sources, world_size, where the world size came from)`` for the
+    ``PipelineTrainingArguments`` flags in ``argv`` (the recipes' flags), the Accelerate layer and ``world_size``
+    processes (default: Accelerate's ``num_processes``, else ``$WORLD_SIZE``, else one data-parallel replica)."""
+    from .arguments import parse_args
+
+    env = os.environ if env is None else env
+    (args,) = parse_args(argv=list(argv))
+    acc = _accelerate_layer(args, env)
+    if world_size is not None:
+        world_src = "--world-size"
+    elif "num_processes" in acc[0]:
+        world_src = acc[1].get("num_processes", "accelerate")
+    elif env.get("WORLD_SIZE"):
+        world_size, world_src = int(env["WORLD_SIZE"]), "env WORLD_SIZE"
+    else:
+        world_src = "one data-parallel replica (no --world-size)"
+    ds, sources = resolve_ds_config(args, world_size, argv=list(argv), accelerate=acc)
+    stages = ds["pipeline"]["stages"]
+    dp = ds["train_batch_size"] // (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"])
+    world = dp * stages
+    return ds, sources, world, world_src
 
 
 def format_sources(ds_config: dict, sources: dict) -> str:

@@ -120,6 +120,8 @@ class PipelineTrainer:
         argv = None if getattr(args, "_explicit_fields", None) is not None else sys.argv[1:]
         # validate and merge before any process group work
         self.ds_config, self.config_sources = resolve_ds_config(args, world, argv=argv)
+        if args.push_to_hub and not args.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id user/name (the Hub repo to create or update).")
         if self.ds_config["fp16"]["enabled"]:
             from deepspeed.accelerator import get_accelerator
 
@@ -690,13 +692,13 @@ class PipelineTrainer:
         return output_dir
 
     def _push(self, folder: str, metrics: dict):
-        """Rank 0 uploads ``folder`` with a model card (metrics, the resolved config, base model, dataset)."""
+        """Rank 0 uploads ``folder`` with a model card (metrics, the resolved config, base model, dataset). A failed
+        push is reported, not raised: the other ranks have moved on (an exception here would leave them waiting in
+        the next collective) and the exported folder is intact for a later ``hfpipe push``."""
         if self.rank != 0:
             return None
-        from .hub import hyperparameters, push_to_hub
+        from .hub import PushError, hyperparameters, push_to_hub
 
-        if not self.args.hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id user/name.")
         hp = hyperparameters(self.ds_config, self.args)
         hp["world_size"] = self.world_size
         info = {"metrics": metrics, "hyperparameters": hp, "task": self.pipe.head.name,
@@ -705,7 +707,11 @@ class PipelineTrainer:
         name = getattr(ds_info, "dataset_name", None)
         if name and name not in ("json", "csv", "parquet", "text", "arrow", "generator", "pandas"):
             info["dataset"] = name  # a Hub dataset; local files and generated data have a builder name only
-        return push_to_hub(folder, self.args.hub_model_id, private=self.args.hub_private_repo, card_info=info)
+        try:
+            return push_to_hub(folder, self.args.hub_model_id, private=self.args.hub_private_repo, card_info=info)
+        except PushError as exc:
+            print(f"hfpipe: push to the Hub failed: {exc}", file=sys.stderr, flush=True)
+            return None
 
     # ------------------------------------------------------------------------------------------------- curves
     def plot_curves(self, path: str) -> str | None:
