@@ -49,10 +49,38 @@ def _worker(rank: int, world_size: int, port: int, jobs, results, env: dict) -> 
         if job is None:
             break
         fn, args, kwargs = job
+        groups = _process_groups()
         try:
             results.put((rank, True, fn(*args, **kwargs)))
         except BaseException:  # report everything, the parent decides
             results.put((rank, False, traceback.format_exc()))
+        finally:
+            _destroy_groups_since(groups)
+
+
+def _process_groups() -> set:
+    from torch.distributed import distributed_c10d as c10d
+
+    return set(c10d._world.pg_map)
+
+
+def _destroy_groups_since(before: set) -> None:
+    """Destroy the process groups a job created (every engine builds its grid's groups anew). Left alive, each gloo
+    group keeps its threads: after a few hundred cases an idle rank held ~1700 threads, many of them runnable, which
+    slowed everything else on the machine."""
+    import deepspeed.comm as ds_dist
+    from deepspeed.utils import groups as ds_groups
+    from torch.distributed import distributed_c10d as c10d
+
+    for pg in [g for g in list(c10d._world.pg_map) if g not in before and g is not c10d.GroupMember.WORLD]:
+        try:
+            ds_dist.destroy_process_group(pg)  # also drops DeepSpeed's own references to it
+        except Exception:  # already gone / backend refused: nothing to release
+            pass
+    ds_groups.mpu = None  # the next engine sets its own grid
+    import gc
+
+    gc.collect()  # engines and grids sit in reference cycles; their groups' threads end when they are freed
 
 
 class DistributedPool:
