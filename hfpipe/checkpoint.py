@@ -156,7 +156,7 @@ def _local_folder(path_or_hub_id) -> Path:
 
     try:
         return Path(snapshot_download(os.fspath(path_or_hub_id),
-                                      allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+                                      allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
     except Exception as e:  # offline and not cached, unknown repo, ...
         raise CheckpointError(
             f"could not resolve {path_or_hub_id!s} as a local folder or a cached hub model ({type(e).__name__}: {e}). "
