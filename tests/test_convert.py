@@ -86,6 +86,19 @@ def test_sharded_export_and_dtypes(tmp_path):
     assert all(t.dtype == torch.float32 for t in _tensors(out32).values())
 
 
+def test_bare_deepspeed_checkpoint_exports_with_model(tmp_path):
+    # what engine.save_checkpoint(dir) leaves without PipelineTrainer: no hfpipe.json, no config.json
+    folder, _ = _hf_folder(tmp_path, "opt")
+    convert(folder, tmp_path / "ckpt", num_stages=2, progress=False)
+    os.remove(tmp_path / "ckpt" / MANIFEST)
+    os.remove(tmp_path / "ckpt" / "config.json")
+    with pytest.raises(CheckpointError, match="no config.json / hfpipe.json; pass the model it was trained from"):
+        export(tmp_path / "ckpt", tmp_path / "out", progress=False)
+    out = export(tmp_path / "ckpt" / "global_step0", tmp_path / "out", model=folder, progress=False)  # a tag folder
+    src, dst = _tensors(folder), _tensors(out)
+    assert sorted(src) == sorted(dst) and all(torch.equal(src[k], dst[k]) for k in src)
+
+
 def test_gpt_neox_renamed_head_loads_stage_locally(tmp_path):
     # transformers saves GPTNeoXForCausalLM.lm_head as `embed_out` and renames it when loading: so must hfpipe
     folder, model = _hf_folder(tmp_path, "gpt_neox")
