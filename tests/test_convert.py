@@ -99,6 +99,26 @@ def test_bare_deepspeed_checkpoint_exports_with_model(tmp_path):
     assert sorted(src) == sorted(dst) and all(torch.equal(src[k], dst[k]) for k in src)
 
 
+def test_hub_id_resolves_offline_from_the_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    folder, _ = _hf_folder(tmp_path, "gpt2")
+    repo = tmp_path / "hub" / "models--someone--tiny-gpt2"
+    snap = repo / "snapshots" / ("0" * 40)
+    snap.parent.mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(folder, snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    manifest = convert("someone/tiny-gpt2", tmp_path / "ckpt", num_stages=2, progress=False)
+    assert manifest["source"] == "someone/tiny-gpt2" and manifest["missing_keys"] == []
+    with pytest.raises(CheckpointError, match="could not resolve someone/not-cached as a local folder or a cached hub"):
+        convert("someone/not-cached", tmp_path / "x", progress=False)
+
+
 def test_gpt_neox_renamed_head_loads_stage_locally(tmp_path):
     # transformers saves GPTNeoXForCausalLM.lm_head as `embed_out` and renames it when loading: so must hfpipe
     folder, model = _hf_folder(tmp_path, "gpt_neox")
