@@ -164,6 +164,17 @@ def _local_folder(path_or_hub_id) -> Path:
         ) from e
 
 
+def transformers_class(name: str | None, where: str) -> type:
+    """The ``transformers`` class called ``name`` (``config.architectures[0]``, ``--model-class``)."""
+    import transformers
+
+    cls = getattr(transformers, name, None) if name else None
+    if cls is None:
+        raise CheckpointError(f"{where} names no transformers class ({name!r}); pass the model class, e.g. "
+                              "AutoModelForCausalLM or BertForSequenceClassification.")
+    return cls
+
+
 def _config_dtype(config):
     dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dt, str):
@@ -219,14 +230,8 @@ def resolve_pretrained(path_or_hub_id, model_class=None):
         raise CheckpointError(f"{folder} has no config.json; expected an HF model folder.")
     config = AutoConfig.from_pretrained(folder)
     if model_class is None:
-        archs = getattr(config, "architectures", None) or []
-        if not archs:
-            raise CheckpointError(f"{folder}/config.json has no 'architectures'; pass model_class=.")
-        import transformers
-
-        model_class = getattr(transformers, archs[0], None)
-        if model_class is None:
-            raise CheckpointError(f"transformers has no class {archs[0]!r} (config.architectures of {folder}).")
+        archs = getattr(config, "architectures", None) or [None]
+        model_class = transformers_class(archs[0], f"config.architectures of {folder}")
     mapping = getattr(model_class, "_model_mapping", None)
     if mapping is not None:
         model_class = mapping[type(config)]
@@ -382,12 +387,12 @@ class PipelineCheckpointSource(_Names):
     """Weights read from a DeepSpeed pipeline checkpoint by HF name: only the layer files a rank asks for are opened
     (memory-mapped), so loading a stage reads only that stage's layers."""
 
-    def __init__(self, builder, tag_dir, dtype: torch.dtype | None = None, tied: dict[str, str] | None = None):
+    def __init__(self, builder, tag_dir, dtype: torch.dtype | None = None):
         self.tag_dir = Path(tag_dir)
         self.dtype = dtype
         a = builder.adapter
         self.base_model_prefix = a.base_prefix
-        self.tied = dict(tied if tied is not None else _tied_map(a.config, a.model_class))
+        self.tied = _tied_map(a.config, a.model_class, a.meta_model)
         self.table: dict[str, tuple[str, str]] = {}
         for info, layer in meta_layers(builder):
             if layer is None:
@@ -443,14 +448,11 @@ def _builder_for_checkpoint(root: Path, model=None, model_class=None):
             raise CheckpointError(f"{root} has no config.json / {MANIFEST}; pass the model it was trained from "
                                   "(model=... / --model FOLDER_OR_CONFIG) so hfpipe knows its layers.")
         from transformers import AutoConfig
-        import transformers
 
         config = AutoConfig.from_pretrained(root)
         if model_class is None:
             name = (manifest or {}).get("architecture") or (config.architectures or [None])[0]
-            model_class = getattr(transformers, name, None) if name else None
-            if model_class is None:
-                raise CheckpointError(f"{root}/config.json names no known architecture ({name!r}); pass model_class=.")
+            model_class = transformers_class(name, f"{root}/{MANIFEST} or config.json")
         model = config
     elif isinstance(model, (str, os.PathLike)) and Path(model).is_file():  # a config.json
         from transformers import AutoConfig
@@ -499,16 +501,13 @@ def _commit_output(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _copy_side_files(src: Path | None, dst: Path) -> list[str]:
-    copied = []
-    if src is None or not Path(src).is_dir():
-        return copied
+def _copy_side_files(src: Path | None, dst: Path) -> None:
+    if src is None:
+        return
     for name in SIDE_FILES:
         f = Path(src) / name
         if f.is_file():
             shutil.copy2(f, dst / name)
-            copied.append(name)
-    return copied
 
 
 def _progress(iterable, desc: str, enabled: bool, unit: str = "layer"):
@@ -531,7 +530,7 @@ def convert(model, output_dir, *, num_stages: int = 1, partition_method="balance
     import deepspeed
     from deepspeed.pipe import TiedLayerSpec
 
-    from .pipeline import StateDictSource, prepare, stage_parts
+    from .pipeline import prepare, stage_parts
 
     target_dtype = parse_dtype(dtype)
     source_folder = None
@@ -550,7 +549,7 @@ def convert(model, output_dir, *, num_stages: int = 1, partition_method="balance
     try:
         tag_dir = tmp / tag
         tag_dir.mkdir()
-        available = set(source.keys()) if hasattr(source, "keys") else set(source.state_dict)
+        available = set(source.keys())
         tied_cache: dict[str, dict] = {}
         missing, used, dtypes = [], set(), set()
         for i, info in _progress(list(enumerate(infos)), "convert", progress):
@@ -563,7 +562,7 @@ def convert(model, output_dir, *, num_stages: int = 1, partition_method="balance
             else:
                 layer = _build_layer(spec, builder)
                 for hf in saved_names(layer).values():
-                    found = source._resolve(hf) if hasattr(source, "_resolve") else (hf if hf in available else None)
+                    found = source._resolve(hf)
                     if found is None:
                         missing.append(hf)
                     else:
@@ -589,11 +588,11 @@ def convert(model, output_dir, *, num_stages: int = 1, partition_method="balance
                         "ds_version": deepspeed.__version__, "hfpipe_converted": True},
                        tag_dir / f"mp_rank_{stage:02d}_model_states.pt")
         (tmp / "latest").write_text(tag)
-        unused = sorted(available - used) if available else []
+        unused = sorted(available - used)
         missing = sorted(set(missing))
         manifest = write_manifest(
             tmp, builder, infos, parts=parts, partition_method=partition_method,
-            dtype=(sorted(dtypes)[0] if len(dtypes) == 1 else ",".join(sorted(dtypes))) or None,
+            dtype=",".join(sorted(dtypes)) or None,
             source=model if isinstance(model, (str, os.PathLike)) else type(model).__name__, tag=tag,
             missing_keys=missing, unused_keys=unused)
         _copy_side_files(source_folder, tmp)
@@ -622,9 +621,8 @@ def export(checkpoint, output_dir, *, dtype=None, max_shard_size="5GB", overwrit
     builder, infos, manifest = _builder_for_checkpoint(root, model, model_class)
     a = builder.adapter
     target_dtype = parse_dtype(dtype)
-    tied = _tied_map(a.config, a.model_class)
-    source = PipelineCheckpointSource(builder, tag, dtype=target_dtype, tied=tied)
-    meta_model = a.meta_model
+    source = PipelineCheckpointSource(builder, tag, dtype=target_dtype)
+    tied, meta_model = source.tied, a.meta_model
     expected = [k for k in meta_model.state_dict() if k not in tied]
     have = [k for k in source.keys() if k not in tied]
     missing = sorted(set(expected) - set(have))
@@ -638,17 +636,14 @@ def export(checkpoint, output_dir, *, dtype=None, max_shard_size="5GB", overwrit
         state = {}
         for name in _progress(expected, "export", progress, unit="tensor"):
             state[name] = source.get(name).contiguous()
+        floats = {t.dtype for t in state.values() if t.is_floating_point()}  # after the cast, if any
         state = _to_checkpoint_names(meta_model, state)
         save_torch_state_dict(state, tmp, max_shard_size=max_shard_size, metadata={"format": "pt"})
         del state
         config = copy.deepcopy(a.config)
         config.architectures = [a.model_class.__name__]
-        floats = {str(t.dtype).replace("torch.", "") for f in source._files.values() for t in f.values()
-                  if t.is_floating_point()}
-        if target_dtype is not None:
-            config.dtype = str(target_dtype).replace("torch.", "")
-        elif len(floats) == 1:
-            config.dtype = floats.pop()
+        if len(floats) == 1:
+            config.dtype = str(floats.pop()).replace("torch.", "")
         config.save_pretrained(tmp)
         _copy_side_files(root, tmp)
         _commit_output(tmp, out)

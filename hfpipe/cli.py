@@ -183,21 +183,22 @@ def _push(p: argparse.ArgumentParser):
 
 # ------------------------------------------------------------------------------------------------------- convert
 def _model_class(name: str | None):
-    if not name:
-        return None
-    import transformers
+    from .checkpoint import transformers_class
 
-    cls = getattr(transformers, name, None)
-    if cls is None:
-        raise ValueError(f"--model-class {name!r} is not a transformers class; use e.g. AutoModelForCausalLM or "
-                         "BertForSequenceClassification.")
-    return cls
+    return transformers_class(name, "--model-class") if name else None
+
+
+def _output_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """``--output``/``--overwrite``/``--no-progress``, shared by convert and export."""
+    p.add_argument("--output", required=True, help=f"new folder for the {what}")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--no-progress", action="store_true")
 
 
 @command("convert", "write an HF model as a DeepSpeed pipeline checkpoint (stage-loadable at any stage count)")
 def _convert(p: argparse.ArgumentParser):
     p.add_argument("model", help="HF model folder (safetensors) or a Hub id in the local cache")
-    p.add_argument("--output", required=True, help="new folder for the checkpoint")
+    _output_flags(p, "checkpoint")
     p.add_argument("--stages", type=int, default=1, help="pipeline stages recorded as the partition (the files "
                    "load at any stage count)")
     p.add_argument("--partition", default="balanced",
@@ -205,8 +206,6 @@ def _convert(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default="auto", help="auto (keep the checkpoint's) | fp32 | bf16 | fp16")
     p.add_argument("--model-class", help="task class when config.architectures has none hfpipe supports, e.g. "
                    "BertForSequenceClassification (a missing head is initialised as HF does)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.add_argument("--no-progress", action="store_true")
 
     def run(args) -> int:
         from .checkpoint import convert
@@ -231,14 +230,12 @@ def _convert(p: argparse.ArgumentParser):
 def _export(p: argparse.ArgumentParser):
     p.add_argument("checkpoint", help="folder from `hfpipe convert`, a trainer checkpoint-N, or any "
                    "engine.save_checkpoint folder (its 'latest' tag) / tag folder")
-    p.add_argument("--output", required=True, help="new HF model folder")
+    _output_flags(p, "HF model")
     p.add_argument("--dtype", default="auto", help="auto (as saved) | fp32 | bf16 | fp16")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--model", help="HF folder or config.json of the model, when the checkpoint has no "
                    "hfpipe.json/config.json (a bare engine.save_checkpoint)")
     p.add_argument("--model-class", help="task class, with --model")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.add_argument("--no-progress", action="store_true")
 
     def run(args) -> int:
         from .checkpoint import export

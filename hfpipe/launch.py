@@ -8,6 +8,7 @@ traceback of the rank that failed.
 
 from __future__ import annotations
 
+import gc
 import os
 import queue
 import socket
@@ -78,8 +79,6 @@ def _destroy_groups_since(before: set) -> None:
         except Exception:  # already gone / backend refused: nothing to release
             pass
     ds_groups.mpu = None  # the next engine sets its own grid
-    import gc
-
     gc.collect()  # engines and grids sit in reference cycles; their groups' threads end when they are freed
 
 

@@ -34,6 +34,12 @@ class StateDictSource:
     def __init__(self, state_dict: dict[str, torch.Tensor]):
         self.state_dict = state_dict
 
+    def keys(self):
+        return self.state_dict.keys()
+
+    def _resolve(self, name: str) -> str | None:
+        return name if name in self.state_dict else None
+
     def get(self, name: str):
         return self.state_dict.get(name)
 

@@ -642,22 +642,18 @@ class PipelineTrainer:
     def export_model(self, output_dir: str, checkpoint: str | None = None) -> str:
         """Write the weights as a normal HF folder (``from_pretrained`` loads it). Call on every rank.
 
-        With ``checkpoint`` (a ``checkpoint-N`` folder) and ``hfpipe.checkpoint.export`` available, that function
-        converts the checkpoint on rank 0; otherwise every stage's live parameters (``hf_named_parameters``) are
+        With ``checkpoint`` (a ``checkpoint-N`` folder), ``hfpipe.checkpoint.export`` converts the checkpoint on
+        rank 0; otherwise every stage's live parameters (``hf_named_parameters``) are
         gathered on rank 0 and written with ``save_pretrained`` (safetensors).
         """
         import torch.distributed as dist
 
         dist.barrier()
-        exporter = None
         if checkpoint is not None:
-            try:
-                from .checkpoint import export as exporter
-            except ImportError:
-                exporter = None
-        if exporter is not None:
             if self.rank == 0:
-                exporter(checkpoint, output_dir, overwrite=True, progress=not self.args.disable_tqdm)
+                from .checkpoint import export
+
+                export(checkpoint, output_dir, overwrite=True, progress=not self.args.disable_tqdm)
                 if self.processing_class is not None:
                     self.processing_class.save_pretrained(output_dir)
             dist.barrier()
