@@ -1,9 +1,11 @@
 """The pipeline layers: thin ``nn.Module`` wrappers around the family's own HF modules.
 
-Every layer takes and returns one tuple; what travels between layers (and across stage boundaries) is
-``(hidden_states, attention_mask, position_ids[, input_ids])``: one float tensor that always receives a gradient,
-the rest int64. Masks (4D causal / sliding / bidirectional) and rotary embeddings are recomputed on each block from
-these, so no float tensor without a gradient and no bool tensor ever crosses a stage.
+Every layer takes and returns one tuple; what travels between layers is ``(hidden_states, attention_mask,
+position_ids[, input_ids])``: one float tensor that always receives a gradient, the rest int64. Masks (4D causal /
+sliding / bidirectional) and rotary embeddings are recomputed on each block from these, so no float tensor without a
+gradient and no bool tensor ever crosses a stage. Across a stage boundary the tuple travels packed
+(:func:`pack_boundary`): one float tensor, the 0/1 mask as an extra channel of the hidden states, positions
+recomputed by the receiving stage -- DeepSpeed sends every tensor of a tuple as its own blocking message.
 
 Each layer knows its HF names (``hf_names()``: local parameter/buffer name -> HF state-dict key), which is the one
 table that loading, gradient comparison, checkpoint conversion and export share.
@@ -24,6 +26,28 @@ def _prefixed(module: nn.Module, local_prefix: str, hf_prefix: str) -> dict[str,
     for name, _ in module.named_buffers():
         names[f"{local_prefix}{name}"] = f"{hf_prefix}{name}"
     return names
+
+
+def pack_boundary(inputs: tuple) -> torch.Tensor | tuple:
+    """What a stage sends to the next: ``(hidden, attention_mask, position_ids, *rest)`` -> ``[batch, seq, hidden + 1]``
+    in the hidden states' dtype, the attention mask as the last channel (0/1 is exact in every float dtype).
+
+    The positions are left out: every family's positions are a function of the mask (``Adapter.position_ids``), so
+    :func:`unpack_boundary` recomputes them. ``rest`` (the int64 input ids of decoder sequence classification)
+    follows as its own tensors. The mask channel's gradient is zero, so the backward message is the hidden states'
+    gradient plus one zero channel.
+    """
+    hidden, attention_mask, _position_ids, *rest = inputs
+    packed = torch.cat((hidden, attention_mask.unsqueeze(-1).to(hidden.dtype)), dim=-1)
+    return (packed, *rest) if rest else packed
+
+
+def unpack_boundary(adapter, received: torch.Tensor | tuple) -> tuple:
+    """Inverse of :func:`pack_boundary` on the receiving stage: ``(hidden, attention_mask, position_ids, *rest)``."""
+    packed, *rest = received if isinstance(received, tuple) else (received,)
+    hidden = packed[..., :-1].contiguous()  # keeps the autograd link to the received buffer
+    attention_mask = packed[..., -1].detach().long()
+    return (hidden, attention_mask, adapter.position_ids(attention_mask, attention_mask), *rest)
 
 
 class PipeLayer(nn.Module):
@@ -93,12 +117,36 @@ class BodyShell(PipeLayer):
         a = self.adapter
         self._prefix = f"{a.base_prefix}."
         self.base = self._materialize(a.body_shell(), "", self._prefix)
+        #: Llama, Mistral, Qwen2, ...: the decoder shell hands ``inputs_embeds`` on unchanged, and its mask and
+        #: rotary work is redone by every block anyway, so it is skipped.
+        self.passthrough = bool(a.embed_path) and self._returns_its_input()
+
+    def _returns_its_input(self) -> bool:
+        """Whether this decoder shell (no parameters) returns ``inputs_embeds`` bit for bit, checked once on a small
+        padded input in training mode, so that embedding scaling, dropout or position embeddings all answer no."""
+        if any(True for _ in self.base.parameters()):
+            return False
+        device = next(self.base.buffers(), torch.empty(0)).device
+        dtype = next((b.dtype for b in self.base.buffers() if b.is_floating_point()), torch.float32)
+        hidden = self.adapter.config.hidden_size
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type), \
+                torch.no_grad():
+            torch.manual_seed(0)
+            x = torch.randn(2, 5, hidden, device=device, dtype=dtype)
+            mask = torch.tensor([[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]], device=device)
+            try:
+                out = self.adapter.shell_forward(self.base, {"inputs_embeds": x, "attention_mask": mask})
+            except Exception:  # a shell that cannot run on this probe keeps running for real
+                return False
+        return out.shape == x.shape and bool(torch.equal(out, x))
 
     def hf_names(self):
         return _prefixed(self.base, "base.", self._prefix)
 
     def forward(self, inputs):
         a = self.adapter
+        if self.passthrough:
+            return inputs
         if a.embed_path:  # decoder: (inputs_embeds, attention_mask, position_ids, *rest)
             inputs_embeds, attention_mask, position_ids, *rest = inputs
             hidden = a.shell_forward(self.base, {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask})

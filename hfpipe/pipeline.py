@@ -23,7 +23,7 @@ from .adapters import get_adapter
 from .adapters.base import UnsupportedModelError
 from .heads import CAUSAL_LM, SEQUENCE_CLASSIFICATION, Head, PipelineLoss, TiedLMHead, head_for_class, task_shell
 from .layers import (HALF_BLOCK_CHILDREN, AttentionHalfBlock, Block, BodyShell, Final, MLPHalfBlock, TokenEmbedding,
-                     supports_half_blocks)
+                     pack_boundary, supports_half_blocks, unpack_boundary)
 
 TIE_KEY = "embed"
 
@@ -191,6 +191,16 @@ class HFPipelineModule(PipelineModule):
         self.parts = list(self._hfpipe_parts)
         stage_id = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
+
+    def forward(self, forward_input):
+        """DeepSpeed's stage forward, with the boundary tuple packed into one tensor between stages
+        (:func:`hfpipe.layers.pack_boundary`): one p2p message per micro-batch and direction instead of three."""
+        if self.stage_id > 0:
+            forward_input = unpack_boundary(self.adapter, forward_input)
+        out = super().forward(forward_input)
+        if self.stage_id < self.num_stages - 1:
+            out = pack_boundary(out)
+        return out
 
     # ------------------------------------------------------------------------------------------------ metadata
     @property

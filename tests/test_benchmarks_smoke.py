@@ -103,10 +103,45 @@ def test_chunked_loss_matches_full_loss():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("stage_id", [0, 1])
+def test_fixed_stage_cost_pads_each_pass(stage_id):
+    """Forward takes at least t_F and backward at least t_B (the stage's own work inside the window), gradients
+    unchanged; on the first stage the backward window closes on the embedding's output."""
+    import time
+
+    class Stage(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stage_id = stage_id
+            self.embed, self.lin = torch.nn.Embedding(5, 4), torch.nn.Linear(4, 4)
+            self.forward_funcs = [self.embed, self.lin] if stage_id == 0 else [self.lin]
+
+        def forward(self, x):
+            for f in self.forward_funcs:
+                x = f(x)
+            return x
+
+    stage = Stage()
+    harness.fix_stage_cost(stage, 0.05, 0.08)
+    x = torch.tensor([[1, 2], [3, 4]]) if stage_id == 0 else torch.randn(2, 4, requires_grad=True)
+    t0 = time.perf_counter()
+    y = stage(x)
+    t1 = time.perf_counter()
+    y.sum().backward()
+    t2 = time.perf_counter()
+    assert t1 - t0 >= 0.05 and t2 - t1 >= 0.08
+    expected = stage.lin.weight.sum(0).expand(2, 2, 4) if stage_id == 0 else stage.lin.weight.sum(0).expand(2, 4)
+    if stage_id == 0:
+        assert torch.equal(stage.embed.weight.grad[1:5], expected.reshape(4, 4))
+    else:
+        assert torch.equal(x.grad, expected)
+
+
+@pytest.mark.parametrize("cost", ["fixed", "sleep"])
 @pytest.mark.parametrize("variant", ["bare", "hfpipe"])
-def test_efficiency_tiny_run(dist_pool, variant):
+def test_efficiency_tiny_run(dist_pool, variant, cost):
     p, m, tf, tb = 2, 2, 0.001, 0.002
-    per_rank = dist_pool(p).run(pipeline_efficiency.rank_run, variant, p, m, tf, tb, 1, 0)
+    per_rank = dist_pool(p).run(pipeline_efficiency.rank_run, variant, p, m, tf, tb, 1, 0, cost=cost)
     assert sorted(r["stage"] for r in per_rank) == [0, 1]
     row = pipeline_efficiency.summarize(variant, p, m, tf, tb, per_rank)
     for key in ("variant", "p", "m", "ideal_s", "measured_s", "ratio", "useful_fraction", "overhead_per_slot_ms",

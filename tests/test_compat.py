@@ -32,7 +32,7 @@ def test_pipeline_module_internals():
     assert _params(PipelineModule._partition_layers) == ["self", "method"], msg + "_partition_layers(self, method)"
     src = inspect.getsource(PipelineModule.__init__)
     assert "self._partition_layers(method=partition_method)" in src, msg + "__init__ no longer calls _partition_layers"
-    for attr in ("_build", "_set_bounds", "forward_funcs", "tied_modules", "_local_start"):
+    for attr in ("_build", "_set_bounds", "forward_funcs", "tied_modules", "_local_start", "stage_id", "num_stages"):
         assert attr in inspect.getsource(PipelineModule), msg + attr
     assert "checkpointable_layers" in _params(PipelineModule.__init__), msg + "checkpointable_layers"
     assert _params(TiedLayerSpec.__init__)[:3] == ["self", "key", "typename"], msg + "TiedLayerSpec(key, typename)"

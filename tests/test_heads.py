@@ -105,6 +105,133 @@ def test_parameter_counts_sum_to_hf(dist_pool, model_type, head):
     assert set(merged) == {n for n, _ in model.named_parameters()}
 
 
+def _boundary_messages(s: ModelSpec, micro_batches: int):
+    """Train one step at 2 stages, recording every p2p send (shape, dtype) and the stage's packed output."""
+    import deepspeed
+    from deepspeed.runtime.pipe import p2p
+
+    from hfpipe import to_pipeline
+    from hfpipe.data import micro_batches as split
+    from hfpipe.verify import make_batch
+
+    pipe = to_pipeline(s.build(), num_stages=2)
+    batch = make_batch(s.hf_config(), pipe.head.name, 4, 12)
+    data = split(batch, pipe, micro_batches)
+    engine, *_ = deepspeed.initialize(model=pipe, model_parameters=list(pipe.parameters()), config={
+        "train_micro_batch_size_per_gpu": 4 // micro_batches, "gradient_accumulation_steps": micro_batches,
+        "train_batch_size": 4, "steps_per_print": 10**9, "optimizer": {"type": "SGD", "params": {"lr": 0.0}}})
+    sent, real_send = [], p2p.send
+    p2p.send = lambda tensor, dest: (sent.append((tuple(tensor.shape), str(tensor.dtype))), real_send(tensor, dest))[1]
+    try:
+        engine.train_batch(iter(data))
+    finally:
+        p2p.send = real_send
+    outputs = pipe((batch["input_ids"][:2], batch["attention_mask"][:2])) if engine.stage_id == 0 else None
+    return {"stage": engine.stage_id, "sent": sent, "batch": batch,
+            "outputs": None if outputs is None else [(tuple(t.shape), str(t.dtype)) for t in
+                                                       (outputs if isinstance(outputs, tuple) else (outputs,))]}
+
+
+@pytest.mark.parametrize("model_type,head,carried", [("llama", "causal-lm", 0), ("opt", "causal-lm", 0),
+                                                      ("bert", "token-classification", 0),
+                                                      ("llama", "sequence-classification", 1)])
+def test_one_message_per_boundary(dist_pool, model_type, head, carried):
+    """DeepSpeed sends each tensor of a stage's output with its own blocking p2p call: hfpipe packs the 0/1 mask into
+    the hidden states and recomputes positions on the next stage, so a micro-batch costs one message each way (plus
+    the int64 input ids that decoder sequence classification carries to its head)."""
+    s = spec(model_type, head)
+    first, last = sorted(dist_pool(2).run(_boundary_messages, s, 2), key=lambda r: r["stage"])
+    hidden = s.hf_config().hidden_size
+    # stage 0 sends the packed activations once per micro-batch (+ the type/shape metadata of the first one)
+    packed = [m for m in first["sent"] if m[0] == (2, 12, hidden + 1)]
+    assert len(packed) == 2 and all(dtype == "torch.float32" for _, dtype in packed)
+    assert first["outputs"][0] == ((2, 12, hidden + 1), "torch.float32")
+    assert [o[1] for o in first["outputs"][1:]] == ["torch.int64"] * carried
+    assert len([m for m in first["sent"] if m[0] == (2, 12)]) == 2 * carried
+    # stage 1 sends back one gradient per micro-batch: the packed tensor's (the mask channel's part is zero)
+    assert last["sent"] == [((2, 12, hidden + 1), "torch.float32")] * 2
+
+
+def test_boundary_pack_round_trip():
+    from hfpipe.layers import pack_boundary, unpack_boundary
+
+    adapter = prepare(tiny_config("opt"), transformers.OPTForCausalLM).adapter
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1]])
+    hidden = torch.randn(2, 5, 8, dtype=torch.bfloat16, requires_grad=True)
+    packed = pack_boundary((hidden, mask, adapter.position_ids(mask, mask)))
+    assert packed.shape == (2, 5, 9) and packed.dtype == torch.bfloat16
+    received = packed.detach().requires_grad_()
+    h, m, pos = unpack_boundary(adapter, received)
+    assert torch.equal(h, hidden) and torch.equal(m, mask)
+    assert pos.tolist() == [[0, 1, 2, -1, -1], [-1, -1, 0, 1, 2]]  # OPT: cumsum(mask) * mask - 1
+    (h.float() * 3).sum().backward()
+    assert torch.equal(received.grad[..., :8], torch.full((2, 5, 8), 3.0, dtype=torch.bfloat16))
+    assert not received.grad[..., 8].any()
+    ids = torch.arange(10).view(2, 5)
+    assert torch.equal(unpack_boundary(adapter, pack_boundary((hidden, mask, None, ids)))[3], ids)
+
+
+@pytest.mark.filterwarnings("ignore:phi is converted")
+@pytest.mark.parametrize("model_type,overrides,expected", [("llama", {}, True), ("gemma", {}, True),
+                                                           ("gpt2", {}, False), ("opt", {}, False),
+                                                           ("phi", {"embd_pdrop": 0.0}, True),
+                                                           ("phi", {"embd_pdrop": 0.1}, False)])
+def test_decoder_shell_passthrough(model_type, overrides, expected):
+    """The decoder shell is skipped only where it returns the token embeddings unchanged (Gemma scales inside its
+    embedding module in transformers 5); learned positions (GPT-2, OPT) or embedding dropout keep it running."""
+    from hfpipe.layers import BodyShell
+
+    if model_type == "phi":
+        config = transformers.PhiConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, **overrides)
+    else:
+        config = tiny_config(model_type, **overrides)
+    builder = prepare(config, transformers.AutoModelForCausalLM._model_mapping[type(config)])
+    shell = BodyShell(builder, 1)
+    assert shell.passthrough is expected
+    ids = torch.tensor([[3, 4, 5, 6]])
+    embeds = torch.randn(1, 4, config.hidden_size)
+    inputs = (embeds, torch.ones_like(ids), torch.arange(4)[None])
+    if expected:
+        assert shell(inputs) is inputs
+    else:
+        shell.passthrough = True  # what skipping would give is not what the family computes
+        skipped = shell(inputs)[0]
+        shell.passthrough = False
+        assert not torch.equal(shell(inputs)[0], skipped)
+
+
+@pytest.mark.parametrize("model_type,masks_per_forward", [("llama", 1), ("qwen2", 2), ("bert", 1)])
+def test_masks_and_rotary_built_once_per_micro_batch(model_type, masks_per_forward):
+    """Like the family's own forward, a stage builds each kind of mask (this qwen2: sliding + full) and the rotary
+    embeddings once per micro-batch, not once per block; a new micro-batch gets its own."""
+    from hfpipe.pipeline import _ensure_distributed, to_pipeline
+
+    _ensure_distributed()
+    head = "causal-lm" if model_type != "bert" else "sequence-classification"
+    s = spec(model_type, head, num_hidden_layers=4)
+    pipe = to_pipeline(s.build(), num_stages=1)
+    calls = {"mask": 0, "rotary": 0}
+    adapter, real_mask = pipe.adapter, pipe.adapter.block_mask
+
+    def counted_mask(*args, **kwargs):
+        calls["mask"] += 1
+        return real_mask(*args, **kwargs)
+
+    adapter.block_mask = counted_mask
+    for layer in pipe.forward_funcs:
+        rotary = getattr(getattr(layer, "aux", None), "rotary_emb", None)
+        if rotary is not None:
+            rotary.register_forward_hook(lambda *_: calls.__setitem__("rotary", calls["rotary"] + 1))
+    ids = torch.randint(1, 50, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    for batch in range(1, 3):
+        pipe((ids.clone(), mask.clone()))
+        assert calls["mask"] == batch * masks_per_forward
+        assert calls["rotary"] == (batch if model_type != "bert" else 0)
+
+
 def test_compare_detects_a_wrong_gradient():
     ref = {"loss": 1.0, "logits": torch.ones(2, 3), "grads": {"w": torch.tensor([1.0, 2.0])}, "params": ["w"]}
     rank = {"loss": 1.0, "logits": torch.ones(2, 3), "grads": {"w": torch.tensor([1.0, 2.001])}, "params": ["w"],

@@ -166,13 +166,35 @@ class Adapter:
 
     def block_kwargs(self, block, index: int, hidden, attention_mask, position_ids) -> dict:
         """Keyword arguments for one HF block call, as the family's forward passes them."""
-        kwargs = {"attention_mask": self.block_mask(index, hidden, attention_mask, position_ids)}
+        mask_fn = self.mask_function(index)
+        kwargs = {"attention_mask": self._per_micro_batch(
+            mask_fn, hidden, attention_mask, position_ids,
+            lambda: self.block_mask(index, hidden, attention_mask, position_ids))}
         if self.causal:  # encoders' forwards pass no computed positions to their layers
             kwargs["position_ids"] = position_ids
         rotary = getattr(block.aux, "rotary_emb", None) if hasattr(block, "aux") else None
         if rotary is not None:
-            kwargs["position_embeddings"] = rotary(hidden, position_ids)
+            kwargs["position_embeddings"] = self._per_micro_batch(
+                "rotary_emb", hidden, attention_mask, position_ids, lambda: rotary(hidden, position_ids))
         return kwargs
+
+    def _per_micro_batch(self, key, hidden, attention_mask, position_ids, compute: Callable):
+        """``compute()`` once per stage and micro-batch rather than once per block, as the family's own forward does.
+
+        Masks and rotary embeddings depend only on the mask and positions, the hidden states' shape, dtype and device
+        and the config; every block of a stage receives the very same ``attention_mask`` / ``position_ids`` tensors
+        (the layers pass them along), so a result is reused while those are the same objects. This also saves a
+        host-device sync per block on GPU (the SDPA mask check ``padding_mask.all()``). Holding the tensors keeps
+        their ids from being reused."""
+        memo = self.__dict__.setdefault("_memo", {})
+        signature = (tuple(hidden.shape), hidden.dtype, hidden.device, torch.is_grad_enabled(),
+                     torch.is_autocast_enabled(hidden.device.type))
+        hit = memo.get(key)
+        if hit is not None and hit[0] is attention_mask and hit[1] is position_ids and hit[2] == signature:
+            return hit[3]
+        value = compute()
+        memo[key] = (attention_mask, position_ids, signature, value)
+        return value
 
     def call_block(self, block, index: int, hidden, attention_mask, position_ids) -> torch.Tensor:
         out = block.layer(hidden, **self.block_kwargs(block, index, hidden, attention_mask, position_ids))
