@@ -171,6 +171,83 @@ def inject_sleep(module: nn.Module, t_forward: float, t_backward: float):
     return module.register_forward_hook(hook)
 
 
+class _StageClock:
+    """When this rank's current forward / backward pass started (a stage runs one pass at a time)."""
+
+    def __init__(self, t_forward: float, t_backward: float):
+        self.t_forward, self.t_backward = t_forward, t_backward
+        self.forward_start = self.backward_start = 0.0
+
+
+def _sleep_until(deadline: float) -> None:
+    left = deadline - time.perf_counter()
+    if left > 0:
+        time.sleep(left)
+
+
+class _PadForward(torch.autograd.Function):
+    """At the stage's output: forward waits until ``t_forward`` after the pass began; backward (the first thing the
+    stage's backward pass runs) starts the backward clock."""
+
+    @staticmethod
+    def forward(ctx, x, clock: _StageClock):
+        ctx.clock = clock
+        _sleep_until(clock.forward_start + clock.t_forward)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.clock.backward_start = time.perf_counter()
+        return grad, None
+
+
+class _PadBackward(torch.autograd.Function):
+    """At the stage's input: backward (the last thing the stage's backward pass runs) waits until ``t_backward``
+    after the backward pass began."""
+
+    @staticmethod
+    def forward(ctx, x, clock: _StageClock):
+        ctx.clock = clock
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _sleep_until(ctx.clock.backward_start + ctx.clock.t_backward)
+        return grad, None
+
+
+def _through(fn, value, clock):
+    """``fn`` applied to the first floating-point tensor of ``value`` (a tensor or a tuple)."""
+    if isinstance(value, tuple):
+        i = next(i for i, t in enumerate(value) if torch.is_tensor(t) and t.is_floating_point())
+        return (*value[:i], fn.apply(value[i], clock), *value[i + 1:])
+    return fn.apply(value, clock)
+
+
+def fix_stage_cost(pipe, t_forward: float, t_backward: float) -> _StageClock:
+    """Pad this rank's stage so that every forward pass takes exactly ``t_forward`` and every backward pass exactly
+    ``t_backward`` seconds, the layers' own work included (it must be shorter): a fixed, known cost per micro-batch,
+    so the 1F1B ideal ``(m + p - 1)(t_F + t_B)`` is exact and whatever a step adds to it is the pipeline's own
+    (messages, waits, loss, reductions, optimizer). The padding sleeps, so ranks do not compete for cores.
+
+    The window opens when the stage's ``forward`` is called and closes on its output; the backward window opens on
+    the output's gradient and closes on the gradient of the stage's first float tensor (the received activations,
+    or on the first stage the embedding's output)."""
+    clock = _StageClock(t_forward, t_backward)
+    inner = pipe.forward
+
+    def forward(x):
+        clock.forward_start = time.perf_counter()
+        if pipe.stage_id > 0:
+            x = _through(_PadBackward, x, clock)
+        return _through(_PadForward, inner(x), clock)
+
+    pipe.forward = forward  # instance attribute: nn.Module.__call__ calls it
+    if pipe.stage_id == 0:
+        pipe.forward_funcs[0].register_forward_hook(lambda _m, _a, out: _through(_PadBackward, out, clock))
+    return clock
+
+
 # ------------------------------------------------------------------------------- the hand-written baseline
 class BareEmbedding(nn.Module):
     def __init__(self, config, carry_ints: bool = False):

@@ -1,12 +1,15 @@
 """How close does a real multi-stage DeepSpeed pipeline get to the 1F1B ideal, and what does hfpipe add?
 
-Every stage of a tiny Llama (hidden 32, one block per stage) gets a fixed cost per micro-batch: its first block's
-output passes through :class:`benchmarks.harness.Sleep`, which sleeps ``t_F`` in forward and ``t_B`` in backward.
+Every stage of a tiny Llama (hidden 32, one block per stage) gets a fixed, known cost per micro-batch. With
+``--cost fixed`` (the default, :func:`benchmarks.harness.fix_stage_cost`) each stage's forward pass takes exactly
+``t_F`` and its backward pass exactly ``t_B``, the layers' own work included (the rest of the window is slept).
 Sleeping ranks do not compete for cores, so p = 4 ranks on a 2-core machine behave like 4 devices, and the 1F1B
-ideal ``(m + p - 1)(t_F + t_B)`` is exact. Everything the measured step time adds to it is real overhead: the tiny
-layers' own compute, DeepSpeed's per-instruction work (p2p sends/recvs over gloo, buffer handling, loss
-aggregation, tied-gradient all-reduce, optimizer step) and, for hfpipe, its boundary tuple and per-block
-mask/rotary recomputation. Two pipelines of the same model are timed on the same ranks:
+ideal ``(m + p - 1)(t_F + t_B)`` is exact. Everything the measured step time adds to it is the pipeline's own
+overhead: DeepSpeed's per-instruction work (p2p sends/recvs over gloo, buffer handling, loss, tied-gradient
+all-reduce, optimizer step) and, for hfpipe, its boundary packing. ``--cost sleep`` instead adds the sleep
+(:class:`benchmarks.harness.Sleep`) on top of the layers' own work, so that the tiny layers' Python-bound compute
+-- hfpipe's per-block mask/rotary recomputation included -- shows in the step time too. Two pipelines of the same
+model are timed on the same ranks:
 
 * ``bare``: a hand-written ``PipelineModule`` (``benchmarks.harness.bare_llama_pipeline``), hidden states only;
 * ``hfpipe``: ``hfpipe.to_pipeline(LlamaForCausalLM)`` with the same stage cuts.
@@ -15,6 +18,7 @@ Each engine instruction is timed (the engine's ``_INSTRUCTION_MAP`` is wrapped p
 the report shows when a target is missed.
 
     python benchmarks/pipeline_efficiency.py --out benchmarks/results/cpu    # JSON, Markdown, PNG
+    python benchmarks/pipeline_efficiency.py --cost sleep --out benchmarks/results/cpu-sleep
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ from benchmarks import harness  # noqa: E402
 
 TARGET_RATIO = 1.10  # measured / ideal at m >= 4p
 TARGET_OVERHEAD_MS = 1.0  # hfpipe - bare, per schedule slot (one forward + one backward on the critical path)
-#: bare-tuple / bare-packed: the hand-written module also sending hfpipe's int64 mask and positions (as two
-#: tensors / stacked in one), to price the boundary messages apart from hfpipe's layers.
+#: bare-tuple / bare-packed: the hand-written module also sending an int64 mask and positions (as two tensors /
+#: stacked in one), which is what hfpipe sent between stages before it packed the mask into the hidden states.
 VARIANTS = ("bare", "bare-tuple", "bare-packed", "hfpipe")
+COSTS = ("fixed", "sleep")
 
 
 def tiny_llama_config(num_stages: int, blocks_per_stage: int = 1):
@@ -69,8 +74,9 @@ def _timed_instructions(engine, totals: dict, enabled: list):
 
 
 def _build(variant: str, num_stages: int, num_micro_batches: int, t_forward: float, t_backward: float,
-           seq_len: int, micro_batch_size: int, seed: int):
-    """One pipeline engine with the sleep injected in the first block of this rank's stage, and its micro-batches."""
+           seq_len: int, micro_batch_size: int, seed: int, cost: str = "fixed"):
+    """One pipeline engine whose stage has the fixed cost (``cost``, see the module docstring), and its
+    micro-batches."""
     import deepspeed
     import torch
 
@@ -101,24 +107,30 @@ def _build(variant: str, num_stages: int, num_micro_batches: int, t_forward: flo
         data = micro_batches(batch, pipe, num_micro_batches)
     else:
         raise ValueError(f"variant={variant!r}; expected one of {VARIANTS}.")
-    first_block = next(m for m in pipe.forward_funcs
-                       if isinstance(m, block_type) and getattr(m, "kind", "block") == "block")
-    harness.inject_sleep(first_block, t_forward, t_backward)
+    if cost == "fixed":
+        harness.fix_stage_cost(pipe, t_forward, t_backward)
+    elif cost == "sleep":
+        first_block = next(m for m in pipe.forward_funcs
+                           if isinstance(m, block_type) and getattr(m, "kind", "block") == "block")
+        harness.inject_sleep(first_block, t_forward, t_backward)
+    else:
+        raise ValueError(f"cost={cost!r}; expected one of {COSTS}.")
     engine, *_ = deepspeed.initialize(model=pipe, model_parameters=[p for p in pipe.parameters() if p.requires_grad],
                                       config=_ds_config(micro_batch_size, num_micro_batches))
     return engine, data, [int(x) for x in pipe.parts]  # DeepSpeed gives numpy ints
 
 
 def rank_run(variants, num_stages: int, num_micro_batches: int, t_forward: float, t_backward: float,
-             steps: int, warmup: int, seq_len: int = 16, micro_batch_size: int = 1, seed: int = 0):
+             steps: int, warmup: int, seq_len: int = 16, micro_batch_size: int = 1, seed: int = 0,
+             cost: str = "fixed"):
     """Runs on every rank of a ``DistributedPool(num_stages)``: build one engine per variant, then time ``steps``
     train steps of each, interleaved (variant order rotates every round) so that the variants share the machine's
     load changes. ``variants``: one name (returns its dict) or a list (returns ``{variant: dict}``)."""
     import torch.distributed as dist
 
     names = [variants] if isinstance(variants, str) else list(variants)
-    built = {v: _build(v, num_stages, num_micro_batches, t_forward, t_backward, seq_len, micro_batch_size, seed)
-             for v in names}
+    built = {v: _build(v, num_stages, num_micro_batches, t_forward, t_backward, seq_len, micro_batch_size, seed,
+                       cost) for v in names}
     totals: dict[str, dict[str, float]] = {v: {} for v in names}
     enabled = {v: [False] for v in names}
     for v, (engine, _, _) in built.items():
@@ -265,8 +277,9 @@ def check_targets(rows: list[dict], overheads: list[dict]) -> dict:
     }
 
 
-def run(stages=(2, 4), micro_batches=(1, 2, 4, 8, 16), variants=("bare", "bare-tuple", "hfpipe"),
-        t_forward: float = 0.02, t_backward: float = 0.04, steps: int = 5, warmup: int = 2, log=print) -> dict:
+def run(stages=(2, 4), micro_batches=(1, 2, 4, 8, 16), variants=("bare", "hfpipe"),
+        t_forward: float = 0.02, t_backward: float = 0.04, steps: int = 5, warmup: int = 2, log=print,
+        cost: str = "fixed") -> dict:
     from hfpipe.launch import DistributedPool
 
     env = harness.environment()
@@ -275,7 +288,8 @@ def run(stages=(2, 4), micro_batches=(1, 2, 4, 8, 16), variants=("bare", "bare-t
         # the sleeping layers run on CPU ranks even where a GPU exists (gloo p2p between CPU tensors)
         with DistributedPool(p, timeout=900, env={"CUDA_VISIBLE_DEVICES": ""}) as pool:
             for m in micro_batches:
-                per_rank_all = pool.run(rank_run, list(variants), p, m, t_forward, t_backward, steps, warmup)
+                per_rank_all = pool.run(rank_run, list(variants), p, m, t_forward, t_backward, steps, warmup,
+                                        cost=cost)
                 for variant in variants:
                     per_rank = [r[variant] for r in per_rank_all]
                     row = summarize(variant, p, m, t_forward, t_backward, per_rank)
@@ -287,6 +301,7 @@ def run(stages=(2, 4), micro_batches=(1, 2, 4, 8, 16), variants=("bare", "bare-t
     costs = layer_costs() if "hfpipe" in variants and "bare" in variants else None
     return {"benchmark": "pipeline_efficiency", "env": env, "command": harness.command_line(),
             "settings": {"stages": list(stages), "micro_batches": list(micro_batches), "variants": list(variants),
+                         "cost": cost,
                          "t_forward_ms": 1e3 * t_forward, "t_backward_ms": 1e3 * t_backward, "steps": steps,
                          "warmup": warmup, "model": "tiny Llama: hidden 32, 1 block per stage, seq 16, "
                                                     "micro-batch size 1, tied embeddings, fp32"},
@@ -320,30 +335,45 @@ def instruction_diff(rows: list[dict]) -> list[dict]:
 
 def markdown(results: dict, png: str | None = None) -> str:
     s = results["settings"]
+    fixed = s.get("cost", "sleep") == "fixed"  # runs before --cost existed slept on top of the layers' work
     t = check_targets(results["rows"], results["hfpipe_overhead"])  # recomputed: reports follow the current rules
+    if fixed:
+        cost = (f"Each stage's forward pass takes exactly t_F = {s['t_forward_ms']:.0f} ms and its backward pass "
+                f"exactly t_B = {s['t_backward_ms']:.0f} ms per micro-batch, the layers' own work included (the rest "
+                f"of the window is slept)")
+        work = [("layer_compute_ms", "outside the windows/mb (ms)", ".1f")]
+        work_note = ("*outside the windows/mb*: the busiest stage's forward+backward instruction time per micro-batch "
+                     "beyond t_F+t_B (the loss, buffer copies, hfpipe's boundary packing).")
+    else:
+        cost = (f"Each stage sleeps t_F = {s['t_forward_ms']:.0f} ms forward and t_B = {s['t_backward_ms']:.0f} ms "
+                f"backward per micro-batch on top of its layers' own work")
+        work = [("layer_compute_ms", "layer work/mb (ms)", ".1f"),
+                ("schedule_ratio", "measured/(ideal+work)", ".3f")]
+        work_note = ("*layer work/mb*: the busiest stage's forward+backward time per micro-batch with the sleep taken "
+                     "out (the tiny layers' own Python-bound work); *measured/(ideal+work)* compares with "
+                     "(m+p-1)(t_F+t_B+work), i.e. what the schedule itself (p2p, waits, reductions, optimizer) adds.")
+    messages = any(o.get("bare_tuple_s") is not None for o in results["hfpipe_overhead"])
     lines = [
-        f"Each stage sleeps t_F = {s['t_forward_ms']:.0f} ms forward and t_B = {s['t_backward_ms']:.0f} ms backward "
-        f"per micro-batch ({s['model']}); step time = slowest rank, median of {s['steps']} steps after "
+        f"{cost} ({s['model']}); step time = slowest rank, median of {s['steps']} steps after "
         f"{s['warmup']} warm-up steps, the variants' steps interleaved on the same ranks; ideal = (m+p-1)(t_F+t_B).",
         "",
         harness.markdown_table(results["rows"], [
             ("p", "p", ""), ("m", "m", ""), ("variant", "pipeline", ""), ("ideal_s", "ideal (s)", ".3f"),
             ("measured_s", "measured (s)", ".3f"), ("ratio", "measured/ideal", ".3f"),
-            ("useful_fraction", "useful fraction", ".3f"), ("overhead_per_slot_ms", "overhead/slot (ms)", ".2f"),
-            ("layer_compute_ms", "layer work/mb (ms)", ".1f"), ("schedule_ratio", "measured/(ideal+work)", ".3f")]),
+            ("useful_fraction", "useful fraction", ".3f"), ("overhead_per_slot_ms", "overhead/slot (ms)", ".2f")]
+            + work),
         "",
-        "*layer work/mb*: the busiest stage's forward+backward time per micro-batch with the sleep taken out (the "
-        "tiny layers' own Python-bound work); *measured/(ideal+work)* compares with (m+p-1)(t_F+t_B+work), i.e. "
-        "what the schedule itself (p2p, waits, reductions, optimizer) adds.",
+        work_note,
         "",
         "hfpipe over the hand-written module (slot = one forward + one backward on the critical path, m+p-1 of "
         "them):",
         "",
         harness.markdown_table(results["hfpipe_overhead"], [
             ("p", "p", ""), ("m", "m", ""), ("bare_s", "bare (s)", ".3f"), ("hfpipe_s", "hfpipe (s)", ".3f"),
-            ("hfpipe_over_bare", "hfpipe/bare", ".3f"), ("overhead_ms_per_slot", "hfpipe overhead/slot (ms)", ".2f"),
-            ("bare_tuple_s", "bare-tuple (s)", ".3f"),
-            ("messages_ms_per_slot", "of which int64 mask+positions messages (ms/slot)", ".2f")]),
+            ("hfpipe_over_bare", "hfpipe/bare", ".3f"), ("overhead_ms_per_slot", "hfpipe overhead/slot (ms)", ".2f")]
+            + ([("bare_tuple_s", "bare-tuple (s)", ".3f"),
+                ("messages_ms_per_slot", "of which int64 mask+positions messages (ms/slot)", ".2f")]
+               if messages else [])),
         "",
     ]
     worst = t["worst_ratio_at_m_ge_4p"]
@@ -352,7 +382,7 @@ def markdown(results: dict, png: str | None = None) -> str:
                  f"**{'met' if t['ratio_met'] else 'missed'}** (worst per variant: {by_variant})." if worst
                  else "- No run with m >= 4p.")
     sched = t.get("worst_schedule_ratio_at_m_ge_4p") or {}
-    if sched:
+    if sched and not fixed:
         lines.append("- With the layers' own measured CPU work added to the ideal, the worst ratio at m >= 4p is "
                      + ", ".join(f"{v} {x:.3f}" for v, x in sched.items())
                      + ": that part of the gap is the tiny layers' Python-bound work on a shared CPU, not the "
@@ -367,7 +397,8 @@ def markdown(results: dict, png: str | None = None) -> str:
                         if t.get("messages_median_ms_per_slot") is not None else "."))
     # profile of the largest run per (variant, p)
     lines += ["", "Profile (ms per step, per stage, of the run with the most micro-batches; ForwardPass/BackwardPass "
-              "with the injected sleep taken out, i.e. the layers' own work):", ""]
+              + ("minus m(t_F) / m(t_B), i.e. what runs outside the fixed windows):" if fixed else
+                 "with the injected sleep taken out, i.e. the layers' own work):"), ""]
     prof_rows = []
     for (variant, p) in sorted({(r["variant"], r["p"]) for r in results["rows"]}):
         row = max((r for r in results["rows"] if r["variant"] == variant and r["p"] == p), key=lambda r: r["m"])
@@ -399,9 +430,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    ap.add_argument("--variants", nargs="+", default=["bare", "bare-tuple", "hfpipe"], choices=VARIANTS,
-                    help="bare-tuple / bare-packed: the hand-written module also sending hfpipe's int64 mask and "
+    ap.add_argument("--variants", nargs="+", default=["bare", "hfpipe"], choices=VARIANTS,
+                    help="bare-tuple / bare-packed: the hand-written module also sending an int64 mask and "
                          "positions, as two tensors / stacked in one")
+    ap.add_argument("--cost", choices=COSTS, default="fixed",
+                    help="fixed: each stage's forward/backward takes exactly t_F/t_B, its own work included; sleep: "
+                         "t_F/t_B slept on top of the layers' own work")
     ap.add_argument("--t-forward-ms", type=float, default=20.0)
     ap.add_argument("--t-backward-ms", type=float, default=40.0)
     ap.add_argument("--steps", type=int, default=5)
@@ -410,12 +444,12 @@ def main(argv=None) -> int:
                     help="folder for pipeline_efficiency.{json,md,png}")
     args = ap.parse_args(argv)
     results = run(args.stages, args.micro_batches, args.variants, args.t_forward_ms / 1e3, args.t_backward_ms / 1e3,
-                  args.steps, args.warmup)
+                  args.steps, args.warmup, cost=args.cost)
     results["command"] = harness.command_line(__file__, argv)
     os.makedirs(args.out, exist_ok=True)
     png = harness.plot_efficiency(results["rows"], os.path.join(args.out, "pipeline_efficiency.png"),
                                   f"1F1B on CPU (gloo), t_F={args.t_forward_ms:.0f} ms, "
-                                  f"t_B={args.t_backward_ms:.0f} ms")
+                                  f"t_B={args.t_backward_ms:.0f} ms, cost {args.cost}")
     harness.write_json(os.path.join(args.out, "pipeline_efficiency.json"), results)
     with open(os.path.join(args.out, "pipeline_efficiency.md"), "w") as f:
         f.write(markdown(results, os.path.basename(png)) + "\n")
