@@ -16,6 +16,7 @@ from typing import Sequence
 
 from . import costs as costs_lib
 from . import partition as partition_lib
+from .checkpoint import CheckpointError, transformers_class
 
 METHODS = ("balanced", "balanced:blocks", "parameters", "uniform")
 GIB = 1024.0 ** 3
@@ -33,8 +34,9 @@ def load_config(path: str):
         raise FileNotFoundError(f"{path} does not exist; hfpipe plan takes a model folder or a config.json file.")
     config = AutoConfig.from_pretrained(path)
     archs = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    if cls is None:
+    try:
+        cls = transformers_class(archs[0] if archs else None, f"{path} config.json")
+    except CheckpointError:  # no architectures (or an unknown one): plan the causal LM of this config
         cls = transformers.AutoModelForCausalLM._model_mapping[type(config)]
     return config, cls
 

@@ -191,22 +191,7 @@ class PipelineTrainer:
                       activation_checkpoint_interval=pipe_cfg["activation_checkpoint_interval"], seed=self.args.seed,
                       seq_len=self.args.max_seq_length,
                       micro_batch_size=self.ds_config["train_micro_batch_size_per_gpu"])
-        if isinstance(model, (str, os.PathLike)):
-            try:
-                import hfpipe.checkpoint  # noqa: F401  stage-local loading when the checkpoint module is there
-            except ImportError:
-                from transformers import AutoConfig
-
-                if model_class is None:
-                    import transformers
-
-                    archs = getattr(AutoConfig.from_pretrained(model), "architectures", None) or []
-                    if not archs:
-                        raise ValueError(f"{model}: config.json lists no architectures; pass model_class=.")
-                    model_class = getattr(transformers, archs[0])
-                model = model_class.from_pretrained(model)
-                kwargs["model_class"] = None
-        return to_pipeline(model, **kwargs)
+        return to_pipeline(model, **kwargs)  # a path or Hub id loads stage-locally (hfpipe.checkpoint)
 
     def _initialize_engine(self):
         import deepspeed
