@@ -97,6 +97,11 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def ms(value: float) -> str:
+    """``value`` with two decimals, without the ``-0.00`` of a tiny negative difference."""
+    return f"{0.0 if abs(value) < 0.005 else value:.2f}"
+
+
 def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
     """``columns``: ``(key, header, format)``; a missing or ``None`` value prints as ``-``."""
     head = "| " + " | ".join(h for _, h, _ in columns) + " |"

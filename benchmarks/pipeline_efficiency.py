@@ -128,6 +128,10 @@ def rank_run(variants, num_stages: int, num_micro_batches: int, t_forward: float
     load changes. ``variants``: one name (returns its dict) or a list (returns ``{variant: dict}``)."""
     import torch.distributed as dist
 
+    import torch
+
+    # one thread per rank, as one device per rank: idle OpenMP workers spinning would take cores from other ranks
+    torch.set_num_threads(1)
     names = [variants] if isinstance(variants, str) else list(variants)
     built = {v: _build(v, num_stages, num_micro_batches, t_forward, t_backward, seq_len, micro_batch_size, seed,
                        cost) for v in names}
@@ -390,7 +394,8 @@ def markdown(results: dict, png: str | None = None) -> str:
     if t.get("overhead_median_ms_per_slot") is not None:
         lines.append(f"- Target hfpipe overhead <= {t['overhead_target_ms']:.1f} ms per slot: "
                      f"**{'met' if t['overhead_met'] else 'missed'}** (median over the runs "
-                     f"{t['overhead_median_ms_per_slot']:.2f} ms, pooled {t['overhead_pooled_ms_per_slot']:.2f} ms, "
+                     f"{harness.ms(t['overhead_median_ms_per_slot'])} ms, "
+                     f"pooled {harness.ms(t['overhead_pooled_ms_per_slot'])} ms, "
                      f"largest {t['overhead_max_ms_per_slot']:.2f} ms)"
                      + (f"; sending hfpipe's two int64 boundary tensors from the hand-written module (bare-tuple) "
                         f"costs a median {t['messages_median_ms_per_slot']:.2f} ms per slot by itself."

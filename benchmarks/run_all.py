@@ -63,7 +63,7 @@ def _targets_rows(pe: dict | None, gpu: dict | None, conv: dict | None = None,
                      "met": "yes" if t["ratio_met"] else "no"})
         if t["overhead_median_ms_per_slot"] is not None:
             rows.append({"target": f"hfpipe overhead <= {t['overhead_target_ms']:.1f} ms per schedule slot (CPU)",
-                         "measured": f"median {t['overhead_median_ms_per_slot']:.2f} ms over the (p, m) runs "
+                         "measured": f"median {harness.ms(t['overhead_median_ms_per_slot'])} ms over the (p, m) runs "
                                      f"(largest {t['overhead_max_ms_per_slot']:.2f} ms)",
                          "met": "yes" if t["overhead_met"] else "no"})
     if pe_sleep:
@@ -71,7 +71,7 @@ def _targets_rows(pe: dict | None, gpu: dict | None, conv: dict | None = None,
         ratios = ", ".join(f"{v} {x:.3f}" for v, x in t["worst_ratio_by_variant"].items())
         text = f"worst measured/ideal at m >= 4p {ratios}"
         if t["overhead_median_ms_per_slot"] is not None:
-            text += f"; hfpipe over bare median {t['overhead_median_ms_per_slot']:.2f} ms per slot"
+            text += f"; hfpipe over bare median {harness.ms(t['overhead_median_ms_per_slot'])} ms per slot"
         rows.append({"target": "(diagnostic) the same with t_F/t_B slept on top of the tiny layers' own CPU work",
                      "measured": text, "met": "-"})
     if gpu:
