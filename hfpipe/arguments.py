@@ -30,6 +30,9 @@ class PipelineTrainingArguments:
     partition_method: str = field(
         default="balanced", metadata={"help": "balanced | balanced:blocks | parameters | uniform | type:<regex> | "
                                                 "comma-separated first layer index of each stage."})
+    loss_chunk_tokens: int = field(default=0, metadata={"help": "Causal LM: compute the training loss over N tokens "
+                                   "at a time (logits recomputed in backward), never holding the full tokens x vocab "
+                                   "fp32 logits; 0: HF's loss on full logits."})
     activation_checkpoint_interval: int = field(default=0, metadata={"help": "Checkpoint activations every N "
                                                                              "layers (0: off)."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Micro-batch size (DeepSpeed "

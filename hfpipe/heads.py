@@ -134,6 +134,9 @@ class Head(PipeLayer):
         return {f"shell.{k}": v for k, v in _names(self.shell).items() if not k.startswith(self.adapter.base_prefix)}
 
     def forward(self, inputs):
+        if defers_logits(self.builder):
+            return ChunkedLogits(inputs, lambda x: run_head(self.shell, self.adapter, self.builder, x),
+                                 self.builder.loss_chunk_tokens)
         return run_head(self.shell, self.adapter, self.builder, inputs)
 
 
@@ -183,6 +186,11 @@ class TiedLMHead:
                 )
             self.out = shell.get_submodule(out_path)
             self.shell = shell
+        if defers_logits(self.builder):
+            return ChunkedLogits(inputs, lambda x: self._logits(embedding, x), self.builder.loss_chunk_tokens)
+        return self._logits(embedding, inputs)
+
+    def _logits(self, embedding, inputs):
         self.out.weight = embedding.embed.weight
         return run_head(self.shell, self.builder.adapter, self.builder, inputs)
 
@@ -192,6 +200,47 @@ def _module_path(root: nn.Module, module: nn.Module) -> str:
         if mod is module:
             return name
     raise UnsupportedModelError(f"{type(root).__name__} has no output embedding module to tie.")
+
+
+# ---------------------------------------------------------------------------------------------- chunked LM loss
+def defers_logits(builder) -> bool:
+    """Whether the causal-LM head hands the loss a :class:`ChunkedLogits` instead of full logits: only with
+    ``loss_chunk_tokens`` set and while autograd records (training). Evaluation and generation, which run without
+    gradients, still get logits."""
+    return bool(getattr(builder, "loss_chunk_tokens", None)) and builder.head is CAUSAL_LM and torch.is_grad_enabled()
+
+
+class ChunkedLogits:
+    """The causal-LM head's output when the loss is chunked: the head's inputs and ``logits_fn`` (a sequence slice of
+    them -> that slice's logits, through the task model's own head: soft-capping and scaling included).
+
+    :meth:`loss` runs the head and an fp32 cross-entropy over ``chunk_tokens`` tokens at a time, each chunk
+    recomputed in backward (``torch.utils.checkpoint``), so at most one chunk of ``chunk_tokens x vocab`` logits is
+    ever alive instead of the full ``tokens x vocab`` in the model's dtype plus its fp32 copy.
+    """
+
+    def __init__(self, inputs: tuple, logits_fn, chunk_tokens: int):
+        self.inputs, self.logits_fn, self.chunk_tokens = inputs, logits_fn, int(chunk_tokens)
+
+    def _chunk_loss_sum(self, hidden, targets):
+        logits = self.logits_fn((hidden, hidden, *self.inputs[2:])).float()
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                           ignore_index=-100, reduction="sum")
+
+    def loss(self, labels: torch.Tensor, num_items_in_batch: torch.Tensor | None = None) -> torch.Tensor:
+        """HF's ``ForCausalLMLoss`` (shift by one, sum over tokens / ``num_items_in_batch``, else the mean)."""
+        from torch.utils.checkpoint import checkpoint
+
+        hidden = self.inputs[0]
+        targets = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].to(hidden.device)
+        step = max(1, self.chunk_tokens // hidden.shape[0])  # sequence positions per chunk, all rows at once
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for lo in range(0, hidden.shape[1], step):
+            total = total + checkpoint(self._chunk_loss_sum, hidden[:, lo:lo + step], targets[:, lo:lo + step],
+                                       use_reentrant=False)
+        if num_items_in_batch is None:
+            return total / (targets != -100).sum()
+        return total / torch.as_tensor(num_items_in_batch, device=total.device)
 
 
 # ---------------------------------------------------------------------------------------------------------- losses
@@ -210,6 +259,8 @@ class PipelineLoss:
         norm = labels[n] if len(labels) > n else None
         labels = labels[:n]
         head = self.head
+        if isinstance(outputs, ChunkedLogits):
+            return outputs.loss(labels[0], norm)
         if head is CAUSAL_LM:
             return ForCausalLMLoss(outputs, labels[0], vocab_size=outputs.shape[-1], num_items_in_batch=norm)
         if head is TOKEN_CLASSIFICATION:

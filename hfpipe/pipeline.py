@@ -71,6 +71,8 @@ class PipelineBuilder:
         # Fixed per family and config (never per stage count): blocks split into attention / MLP halves so that a
         # stage boundary may fall inside a block (hfpipe.layers.supports_half_blocks).
         self.half_blocks = supports_half_blocks(adapter)
+        #: causal LM: the training loss runs over this many tokens at a time (``hfpipe.heads.ChunkedLogits``)
+        self.loss_chunk_tokens: int | None = None
 
     def layer_seed(self, index: int) -> int | None:
         return None if self.seed is None else self.seed + index
@@ -307,7 +309,8 @@ def prepare(model, model_class=None, *, seed: int | None = 1234, device="cpu", s
 def to_pipeline(model, *, num_stages: int | None = None, topology=None, partition_method="balanced",
                 activation_checkpoint_interval: int = 0, model_class=None, dtype: torch.dtype | None = None,
                 seed: int | None = 1234, loss_fn=None, seq_len: int | None = None, micro_batch_size: int = 1,
-                layer_costs: Sequence[float] | None = None, **pipeline_kwargs) -> HFPipelineModule:
+                layer_costs: Sequence[float] | None = None, loss_chunk_tokens: int | None = None,
+                **pipeline_kwargs) -> HFPipelineModule:
     """Convert an HF model into a ``deepspeed.pipe.PipelineModule``.
 
     Args:
@@ -327,12 +330,25 @@ def to_pipeline(model, *, num_stages: int | None = None, topology=None, partitio
             ``min(max_position_embeddings, 4096)``).
         layer_costs: per-layer costs for ``"balanced"`` instead of the FLOP model, e.g. measured seconds from
             ``hfpipe.costs.profile_layers``.
+        loss_chunk_tokens: causal LM only: compute the training loss over this many tokens at a time, each chunk's
+            logits recomputed in backward, so the full ``tokens x vocab`` logits (and their fp32 copy) never exist
+            (``hfpipe.heads.ChunkedLogits``; same loss as HF up to float summation order). ``None``: HF's loss on
+            full logits. Evaluation and generation still return full logits.
 
     ``torch.distributed`` is initialised through ``deepspeed.init_distributed()`` if it is not yet (gloo on CPU).
     """
     if num_stages is None and topology is None:
         raise ValueError("to_pipeline needs num_stages= (or a DeepSpeed topology=).")
     builder = prepare(model, model_class, seed=seed)
+    if loss_chunk_tokens is not None:
+        if builder.head is not CAUSAL_LM:
+            raise ValueError(f"loss_chunk_tokens={loss_chunk_tokens} applies to causal-LM heads; this "
+                             f"{builder.adapter.model_class.__name__} has a {builder.head.name} head, whose logits are "
+                             "small. Leave loss_chunk_tokens unset.")
+        if isinstance(loss_chunk_tokens, bool) or not isinstance(loss_chunk_tokens, int) or loss_chunk_tokens < 1:
+            raise ValueError(f"loss_chunk_tokens={loss_chunk_tokens!r}; expected a positive number of tokens per "
+                             "chunk (e.g. 1024), or None for HF's loss on full logits.")
+        builder.loss_chunk_tokens = loss_chunk_tokens
     infos = builder.layers()
     stages = num_stages if num_stages is not None else topology.get_dim("pipe")
     parts = stage_parts(builder, infos, stages, partition_method, seq_len=seq_len, micro_batch_size=micro_batch_size,

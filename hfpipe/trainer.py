@@ -190,7 +190,8 @@ class PipelineTrainer:
         kwargs = dict(num_stages=pipe_cfg["stages"], partition_method=part, model_class=model_class,
                       activation_checkpoint_interval=pipe_cfg["activation_checkpoint_interval"], seed=self.args.seed,
                       seq_len=self.args.max_seq_length,
-                      micro_batch_size=self.ds_config["train_micro_batch_size_per_gpu"])
+                      micro_batch_size=self.ds_config["train_micro_batch_size_per_gpu"],
+                      loss_chunk_tokens=self.args.loss_chunk_tokens or None)
         return to_pipeline(model, **kwargs)  # a path or Hub id loads stage-locally (hfpipe.checkpoint)
 
     def _initialize_engine(self):

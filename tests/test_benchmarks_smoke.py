@@ -88,6 +88,18 @@ def test_single_stage_pure_pieces():
     assert cfg["optimizer"]["params"]["torch_adam"] is True and cfg["data_types"]["grad_accum_dtype"] == "fp32"
 
 
+@pytest.mark.parametrize("chunked_gb,met", [(40.0, True), (56.0, False)])
+def test_single_stage_targets(chunked_gb, met):
+    rows = [{"variant": v, "micro_batch_size": 4, "tokens_per_s": tps, "peak_gb": gb}
+            for v, tps, gb in [("native", 100.0, 36.0), ("native-amp", 90.0, 50.0), ("bare", 95.0, 48.0),
+                               ("hfpipe", 96.0, 47.0), ("hfpipe-chunked-ce", 94.0, chunked_gb)]]
+    t = single_stage.check_targets(single_stage.finalize(rows, 1.0, None))["mbs4"]
+    assert t["vs_native"] == pytest.approx(0.96) and t["vs_bare"] == pytest.approx(96 / 95)
+    assert t["speed_met"] and t["memory_met"] and t["mem_vs_bare"] == pytest.approx(47 / 48)
+    assert t["chunked_mem_vs_native_amp"] == pytest.approx(chunked_gb / 50.0)
+    assert t["memory_vs_native_met"] is met
+
+
 def test_chunked_loss_matches_full_loss():
     torch.manual_seed(0)
     hidden = torch.randn(2, 9, 16, requires_grad=True)

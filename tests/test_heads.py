@@ -201,17 +201,12 @@ def test_decoder_shell_passthrough(model_type, overrides, expected):
         assert not torch.equal(shell(inputs)[0], skipped)
 
 
-@pytest.mark.parametrize("model_type,masks_per_forward", [("llama", 1), ("qwen2", 2), ("bert", 1)])
-def test_masks_and_rotary_built_once_per_micro_batch(model_type, masks_per_forward):
-    """Like the family's own forward, a stage builds each kind of mask (this qwen2: sliding + full) and the rotary
-    embeddings once per micro-batch, not once per block; a new micro-batch gets its own."""
-    from hfpipe.pipeline import _ensure_distributed, to_pipeline
+def _mask_and_rotary_builds(s: ModelSpec):
+    """Builds counted over two forwards of a one-stage pipeline (new tensors each time)."""
+    from hfpipe import to_pipeline
 
-    _ensure_distributed()
-    head = "causal-lm" if model_type != "bert" else "sequence-classification"
-    s = spec(model_type, head, num_hidden_layers=4)
     pipe = to_pipeline(s.build(), num_stages=1)
-    calls = {"mask": 0, "rotary": 0}
+    calls, counts = {"mask": 0, "rotary": 0}, []
     adapter, real_mask = pipe.adapter, pipe.adapter.block_mask
 
     def counted_mask(*args, **kwargs):
@@ -226,10 +221,21 @@ def test_masks_and_rotary_built_once_per_micro_batch(model_type, masks_per_forwa
     ids = torch.randint(1, 50, (2, 7))
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
-    for batch in range(1, 3):
+    for _ in range(2):
         pipe((ids.clone(), mask.clone()))
-        assert calls["mask"] == batch * masks_per_forward
-        assert calls["rotary"] == (batch if model_type != "bert" else 0)
+        counts.append(dict(calls))
+    return counts
+
+
+@pytest.mark.parametrize("model_type,masks_per_forward", [("llama", 1), ("qwen2", 2), ("bert", 1)])
+def test_masks_and_rotary_built_once_per_micro_batch(dist_pool, model_type, masks_per_forward):
+    """Like the family's own forward, a stage builds each kind of mask (this qwen2: sliding + full) and the rotary
+    embeddings once per micro-batch, not once per block; a new micro-batch gets its own."""
+    head = "causal-lm" if model_type != "bert" else "sequence-classification"
+    counts = dist_pool(1).run(_mask_and_rotary_builds, spec(model_type, head, num_hidden_layers=4))[0]
+    rotary = 1 if model_type != "bert" else 0
+    assert counts == [{"mask": masks_per_forward, "rotary": rotary},
+                      {"mask": 2 * masks_per_forward, "rotary": 2 * rotary}]
 
 
 def test_compare_detects_a_wrong_gradient():

@@ -118,7 +118,7 @@ class EventRecorder:
         return record
 
 
-def rank_lm_train(out_dir: str):
+def rank_lm_train(out_dir: str, loss_chunk_tokens: int = 0):
     from hfpipe import PipelineTrainer
 
     # evaluation every 2 steps with a different micro-batch size (3) than training (2): the engine's buffers must be
@@ -126,7 +126,7 @@ def rank_lm_train(out_dir: str):
     args = _args(out_dir, 2, per_device_train_batch_size=2, gradient_accumulation_steps=4, max_steps=4,
                  learning_rate=1e-3, weight_decay=0.1, warmup_steps=1, train_sampling_strategy="sequential",
                  export_final_model=True, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=3,
-                 report_to=["tensorboard"], plot_curves=True)
+                 report_to=["tensorboard"], plot_curves=True, loss_chunk_tokens=loss_chunk_tokens)
     recorder = EventRecorder()
     trainer = PipelineTrainer(_lm_model(), args, train_dataset=_lm_data(8), eval_dataset=_lm_data(5, seed=3),
                               callbacks=[recorder])
@@ -219,10 +219,12 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(dist_pool, tmp_path):
     assert state["data_position"] == {"epoch": 0, "batch_in_epoch": 3, "examples_seen": 12}
 
 
-def test_pipeline_trainer_matches_hf_trainer(dist_pool, tmp_path):
+@pytest.mark.parametrize("loss_chunk_tokens", [0, 5])
+def test_pipeline_trainer_matches_hf_trainer(dist_pool, tmp_path, loss_chunk_tokens):
+    """Also with the chunked causal-LM loss (--loss_chunk_tokens 5: chunks of 2 rows x 2 positions)."""
     from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
-    pipe = dist_pool(2).run(rank_lm_train, str(tmp_path / "pipe"))[0]
+    pipe = dist_pool(2).run(rank_lm_train, str(tmp_path / "pipe"), loss_chunk_tokens)[0]
     hf_args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, max_steps=4,
                                 learning_rate=1e-3, weight_decay=0.1, warmup_steps=1, lr_scheduler_type="linear",
                                 logging_steps=1, optim="adamw_torch", report_to="none", use_cpu=True,
