@@ -96,6 +96,8 @@ def _plan(p: argparse.ArgumentParser):
     p.add_argument("--attention", choices=["flash", "dense"], default="flash",
                    help="flash: masked keys cost nothing (GPU kernels); dense: every query meets every key")
     p.add_argument("--max-memory-gib", type=float, default=None, help="per-stage memory cap for balanced methods")
+    p.add_argument("--loss-chunk-tokens", type=int, default=None,
+                   help="causal LM: plan for the chunked loss (to_pipeline(loss_chunk_tokens=N)): no full logits kept")
     p.add_argument("--compare", action="store_true", help="all partition methods side by side")
     p.add_argument("--json", action="store_true", help="print the plan as JSON on the last line")
 
@@ -105,7 +107,7 @@ def _plan(p: argparse.ArgumentParser):
         kwargs = dict(stages=args.stages, seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
                       micro_batches=args.micro_batches, dp=args.dp, zero_stage=args.zero_stage, dtype=args.dtype,
                       activation_checkpointing=args.activation_checkpointing, attention_kernel=args.attention,
-                      memory_cap_gib=args.max_memory_gib)
+                      memory_cap_gib=args.max_memory_gib, loss_chunk_tokens=args.loss_chunk_tokens)
         if args.compare:
             result = compare(args.model, **kwargs)
             print(format_compare(result))

@@ -219,8 +219,12 @@ def layer_costs(builder, workload: Workload | None = None, **workload_kwargs) ->
             fwd = rows * (matmul + ELEMENTWISE_FLOPS * out)
             if builder.head.name == "causal-lm":
                 fwd += T * LOSS_FLOPS_PER_LOGIT * vocab
-                # logits in the compute dtype, their fp32 copy for the loss and its gradient
-                act_elems = ckpt_elems = T * vocab * (1 + 8 / act_b)
+                if getattr(builder, "loss_chunk_tokens", None):
+                    # hfpipe.heads.ChunkedLogits: only the hidden states stay (added below); each chunk's logits
+                    # are transient and the head runs again in backward
+                    recompute = 1.0
+                else:  # logits in the compute dtype, their fp32 copy for the loss and its gradient
+                    act_elems = ckpt_elems = T * vocab * (1 + 8 / act_b)
             else:
                 act_elems = ckpt_elems = rows * out
             act_elems += T * hidden

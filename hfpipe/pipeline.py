@@ -74,6 +74,19 @@ class PipelineBuilder:
         #: causal LM: the training loss runs over this many tokens at a time (``hfpipe.heads.ChunkedLogits``)
         self.loss_chunk_tokens: int | None = None
 
+    def chunk_loss(self, loss_chunk_tokens: int | None) -> None:
+        """Set ``loss_chunk_tokens`` (causal LM only; see ``to_pipeline``), or leave full logits with ``None``."""
+        if loss_chunk_tokens is None:
+            return
+        if self.head is not CAUSAL_LM:
+            raise ValueError(f"loss_chunk_tokens={loss_chunk_tokens} applies to causal-LM heads; this "
+                             f"{self.adapter.model_class.__name__} has a {self.head.name} head, whose logits are "
+                             "small. Leave loss_chunk_tokens unset.")
+        if isinstance(loss_chunk_tokens, bool) or not isinstance(loss_chunk_tokens, int) or loss_chunk_tokens < 1:
+            raise ValueError(f"loss_chunk_tokens={loss_chunk_tokens!r}; expected a positive number of tokens per "
+                             "chunk (e.g. 1024), or None for HF's loss on full logits.")
+        self.loss_chunk_tokens = loss_chunk_tokens
+
     def layer_seed(self, index: int) -> int | None:
         return None if self.seed is None else self.seed + index
 
@@ -340,15 +353,7 @@ def to_pipeline(model, *, num_stages: int | None = None, topology=None, partitio
     if num_stages is None and topology is None:
         raise ValueError("to_pipeline needs num_stages= (or a DeepSpeed topology=).")
     builder = prepare(model, model_class, seed=seed)
-    if loss_chunk_tokens is not None:
-        if builder.head is not CAUSAL_LM:
-            raise ValueError(f"loss_chunk_tokens={loss_chunk_tokens} applies to causal-LM heads; this "
-                             f"{builder.adapter.model_class.__name__} has a {builder.head.name} head, whose logits are "
-                             "small. Leave loss_chunk_tokens unset.")
-        if isinstance(loss_chunk_tokens, bool) or not isinstance(loss_chunk_tokens, int) or loss_chunk_tokens < 1:
-            raise ValueError(f"loss_chunk_tokens={loss_chunk_tokens!r}; expected a positive number of tokens per "
-                             "chunk (e.g. 1024), or None for HF's loss on full logits.")
-        builder.loss_chunk_tokens = loss_chunk_tokens
+    builder.chunk_loss(loss_chunk_tokens)  # before the split: "balanced" costs the chunked head
     infos = builder.layers()
     stages = num_stages if num_stages is not None else topology.get_dim("pipe")
     parts = stage_parts(builder, infos, stages, partition_method, seq_len=seq_len, micro_batch_size=micro_batch_size,

@@ -77,9 +77,10 @@ def describe_layers(infos, start: int, stop: int) -> str:
 def plan(model, *, stages: int, partition="balanced", seq_len: int = 4096, micro_batch_size: int = 1,
          micro_batches: int | None = None, dp: int = 1, zero_stage: int = 0, dtype: str = "bf16",
          activation_checkpointing: bool = False, memory_cap_gib: float | None = None,
-         attention_kernel: str = "flash", model_class=None) -> dict:
+         attention_kernel: str = "flash", model_class=None, loss_chunk_tokens: int | None = None) -> dict:
     """The stage split of ``model`` (an HF model, a config + ``model_class``, or a config folder / config.json) and
-    each stage's layers, parameters, FLOPs, share of work and memory. ``micro_batches`` defaults to ``4 x stages``."""
+    each stage's layers, parameters, FLOPs, share of work and memory. ``micro_batches`` defaults to ``4 x stages``;
+    ``loss_chunk_tokens`` as in ``to_pipeline`` (the head keeps no logits and runs again in backward)."""
     from .pipeline import compute_parts, prepare
 
     if isinstance(model, (str, os.PathLike)):
@@ -88,6 +89,7 @@ def plan(model, *, stages: int, partition="balanced", seq_len: int = 4096, micro
         raise ValueError(f"stages={stages}; expected a positive integer.")
     m = micro_batches or 4 * stages
     builder = prepare(model, model_class)
+    builder.chunk_loss(loss_chunk_tokens)
     infos = builder.layers()
     workload = costs_lib.Workload(seq_len=seq_len, micro_batch_size=micro_batch_size, dtype=dtype,
                                   activation_checkpointing=activation_checkpointing,
@@ -128,7 +130,7 @@ def plan(model, *, stages: int, partition="balanced", seq_len: int = 4096, micro
         "half_blocks": builder.half_blocks, "num_layers": len(infos), "num_blocks": builder.adapter.num_blocks,
         "seq_len": seq_len, "micro_batch_size": micro_batch_size, "micro_batches": m, "dp": dp,
         "zero_stage": zero_stage, "dtype": dtype, "activation_checkpointing": activation_checkpointing,
-        "attention_kernel": attention_kernel, "memory_cap_gib": memory_cap_gib,
+        "attention_kernel": attention_kernel, "memory_cap_gib": memory_cap_gib, "loss_chunk_tokens": loss_chunk_tokens,
         "total_flops": total, "imbalance": imbalance, "bubble_efficiency": bubble,
         "efficiency": bubble / imbalance, "stage_rows": rows,
     }
@@ -162,7 +164,8 @@ def format_plan(report: dict) -> str:
         f"partition={r['partition']}",
         f"workload: seq_len={r['seq_len']} micro_batch_size={r['micro_batch_size']} micro_batches={r['micro_batches']}"
         f" dp={r['dp']} zero={r['zero_stage']} dtype={r['dtype']} activation_checkpointing="
-        f"{'on' if r['activation_checkpointing'] else 'off'} attention={r['attention_kernel']}",
+        f"{'on' if r['activation_checkpointing'] else 'off'} attention={r['attention_kernel']}"
+        + (f" loss_chunk_tokens={r['loss_chunk_tokens']}" if r.get("loss_chunk_tokens") else ""),
         "",
         f"{'stage':>5}  {'layers':<30}{'params':>10}{'FLOPs/mb':>11}{'share':>8}{'in flight':>10}"
         f"{'mem GiB':>9}  (weights+grads+optim / activations)",

@@ -87,19 +87,27 @@ def _train_step(model_type, chunk, stages):
     data = micro_batches(batch, pipe, 2)
     engine, *_ = deepspeed.initialize(model=pipe, model_parameters=list(pipe.parameters()), config={
         "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "train_batch_size": 4,
-        "steps_per_print": 10**9, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}})
+        "steps_per_print": 10**9, "gradient_clipping": 0.0,  # DeepSpeed's default clips at 1.0
+        "optimizer": {"type": "SGD", "params": {"lr": 0.1}}})
     losses = [float(engine.train_batch(iter(data))) for _ in range(2)]
-    return {"stage": engine.stage_id, "losses": losses, "hf": float(model(**batch).loss)}
+    hf, opt = [], torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        loss = model(**batch).loss
+        hf.append(float(loss))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return {"stage": engine.stage_id, "losses": losses, "hf": hf}
 
 
 def test_chunked_loss_in_a_two_stage_engine(dist_pool):
-    """Same losses as full logits over two SGD steps at 2 stages (tied head on the last stage, loss normalised over
-    the global batch), and the first equals HF's."""
+    """Two SGD steps at 2 stages (tied head on the last stage, loss normalised over the global batch): the same losses
+    as with full logits and as HF's model under torch SGD."""
     pool = dist_pool(2)
     full = max(pool.run(_train_step, "llama", None, 2), key=lambda r: r["stage"])
     chunked = max(pool.run(_train_step, "llama", 5, 2), key=lambda r: r["stage"])
     assert chunked["losses"] == pytest.approx(full["losses"], rel=1e-6)
-    assert chunked["losses"][0] == pytest.approx(chunked["hf"], rel=1e-6)
+    assert chunked["losses"] == pytest.approx(chunked["hf"], rel=1e-5)
     assert chunked["losses"][1] < chunked["losses"][0]
 
 

@@ -53,6 +53,25 @@ def test_plan_compare_and_memory_cap(llama_8b_dir, capsys):
         plan(str(llama_8b_dir), stages=4, memory_cap_gib=10)
 
 
+def test_plan_with_chunked_loss(llama_8b_dir, capsys):
+    """--loss-chunk-tokens: the last stage keeps no logits (T x vocab in bf16 + fp32 for every micro-batch in flight)
+    and its head runs again in backward; the other stages are unchanged."""
+    full = plan(str(llama_8b_dir), stages=4, partition="uniform", seq_len=4096)
+    chunked = plan(str(llama_8b_dir), stages=4, partition="uniform", seq_len=4096, loss_chunk_tokens=1024)
+    f_last, c_last = full["stage_rows"][-1], chunked["stage_rows"][-1]
+    logits_gib = 4096 * 128256 * (2 + 8) / 2**30  # per micro-batch; one in flight on the last stage
+    assert f_last["in_flight"] == 1
+    saved = f_last["memory_gib"]["activations"] - c_last["memory_gib"]["activations"]
+    assert saved == pytest.approx(logits_gib, rel=1e-6)
+    head_fwd = 2 * 4096 * 4096 * 128256  # the LM head matmul, recomputed once more in backward
+    assert c_last["flops"] - f_last["flops"] == pytest.approx(head_fwd, rel=0.01)
+    assert [r["memory_gib"] for r in chunked["stage_rows"][:-1]] == [r["memory_gib"] for r in full["stage_rows"][:-1]]
+    assert main(["plan", str(llama_8b_dir), "--stages", "4", "--loss-chunk-tokens", "1024"]) == 0
+    assert "loss_chunk_tokens=1024" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="positive number of tokens"):
+        plan(str(llama_8b_dir), stages=4, loss_chunk_tokens=0)
+
+
 def test_plan_tiny_model_matches_to_pipeline_split(tmp_path):
     from hfpipe.costs import layer_costs
     from hfpipe.pipeline import compute_parts, prepare
