@@ -4,10 +4,10 @@ __version__ = "0.1.0"
 
 from .adapters import Adapter, UnsupportedModelError, register_adapter, supported_families  # noqa: E402
 from .data import micro_batches  # noqa: E402
-from .pipeline import HFPipelineModule, to_pipeline  # noqa: E402
+from .pipeline import HFPipelineModule, initialize, to_pipeline  # noqa: E402
 
 __all__ = ["Adapter", "HFPipelineModule", "PipelineTrainer", "PipelineTrainingArguments", "UnsupportedModelError",
-           "micro_batches", "register_adapter", "supported_families", "to_pipeline", "__version__"]
+           "initialize", "micro_batches", "register_adapter", "supported_families", "to_pipeline", "__version__"]
 
 _LAZY = {"PipelineTrainer": ".trainer", "PipelineTrainingArguments": ".arguments"}
 

@@ -378,8 +378,10 @@ def to_pipeline(model, *, num_stages: int | None = None, topology=None, partitio
 
 def initialize(pipe: HFPipelineModule, config: dict, **kwargs):
     """``deepspeed.initialize`` for an hfpipe pipeline: validates ``config`` first (ZeRO stage, batch sizes, dtypes),
-    passes ``model_parameters`` and sets ``engine.has_bool_tensors = False`` (hfpipe sends no bool tensors between
-    stages). Returns what ``deepspeed.initialize`` returns."""
+    passes ``model_parameters``, sets ``engine.has_bool_tensors = False`` (hfpipe sends no bool tensors between
+    stages) and, for fp32 with ``gradient_clipping``, clips by the norm of the whole model (DeepSpeed's own fp32 path
+    counts only the first stage's gradients, so the clip would depend on where the stages are cut). Returns what
+    ``deepspeed.initialize`` returns."""
     import deepspeed
     import torch.distributed as dist
 
@@ -388,5 +390,34 @@ def initialize(pipe: HFPipelineModule, config: dict, **kwargs):
     validate_pipeline_ds_config(config, pipe.num_stages, dist.get_world_size())
     kwargs.setdefault("model_parameters", [p for p in pipe.parameters() if p.requires_grad])
     out = deepspeed.initialize(model=pipe, config=config, **kwargs)
-    out[0].has_bool_tensors = False
+    engine = out[0]
+    engine.has_bool_tensors = False
+    if not (engine.bfloat16_enabled() or engine.fp16_enabled()) and engine.gradient_clipping() > 0:
+        engine.clip_fp32_gradients = lambda: _clip_pipeline_grads(engine)
     return out
+
+
+def _clip_pipeline_grads(engine) -> None:
+    """fp32 gradient clipping with the norm of the *whole* model, as HF Trainer computes it.
+
+    DeepSpeed 0.19's fp32 path (``runtime.utils.clip_grad_norm_`` with the pipeline grid as ``mpu``) counts only
+    the gradients of the first stage (it keeps parameters of "model-parallel rank 0", which for a pipeline grid is
+    stage 0) and would clip every stage by that partial norm. Here: every stage's squared norm, tied copies counted
+    once (``ds_pipe_replicated``), summed over the replica's stages. The norm is kept for logging.
+    """
+    import torch.distributed as dist
+
+    params = [p for p in engine.module.parameters() if p.grad is not None
+              and not getattr(p, "ds_pipe_replicated", False)]
+    device = params[0].grad.device if params else torch.device("cpu")  # NCCL reduces on the GPU
+    sq = torch.zeros(1, dtype=torch.float64, device=device)
+    for p in params:
+        sq += p.grad.detach().double().pow(2).sum()
+    dist.all_reduce(sq, group=engine.grid.get_model_parallel_group())
+    norm = float(sq.sqrt())
+    engine._global_grad_norm = norm
+    coef = min(1.0, engine.gradient_clipping() / (norm + 1e-6))
+    if coef < 1.0:
+        for p in engine.module.parameters():
+            if p.grad is not None:
+                p.grad.detach().mul_(coef)

@@ -195,8 +195,9 @@ class PipelineTrainer:
         return to_pipeline(model, **kwargs)  # a path or Hub id loads stage-locally (hfpipe.checkpoint)
 
     def _initialize_engine(self):
-        import deepspeed
         from transformers import get_scheduler
+
+        from .pipeline import initialize
 
         args = self.args
         total = max(self.max_steps, 1)
@@ -207,10 +208,7 @@ class PipelineTrainer:
                                  num_training_steps=total)
 
         groups = decay_parameter_groups(self.pipe, self.ds_config["optimizer"]["params"]["weight_decay"])
-        engine, *_ = deepspeed.initialize(model=self.pipe, model_parameters=groups, config=self.ds_config,
-                                          lr_scheduler=scheduler)
-        if not (engine.bfloat16_enabled() or engine.fp16_enabled()) and engine.gradient_clipping() > 0:
-            engine.clip_fp32_gradients = lambda: _clip_pipeline_grads(engine)
+        engine, *_ = initialize(self.pipe, self.ds_config, model_parameters=groups, lr_scheduler=scheduler)
         return engine
 
     # --------------------------------------------------------------------------------------------------- data
@@ -730,31 +728,6 @@ class PipelineTrainer:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path
-
-
-def _clip_pipeline_grads(engine) -> None:
-    """fp32 gradient clipping with the norm of the *whole* model, as HF Trainer computes it.
-
-    DeepSpeed 0.19's fp32 path (``runtime.utils.clip_grad_norm_`` with the pipeline grid as ``mpu``) counts only
-    the gradients of the first stage (it keeps parameters of "model-parallel rank 0", which for a pipeline grid is
-    stage 0) and would clip every stage by that partial norm. Here: every stage's squared norm, tied copies counted
-    once (``ds_pipe_replicated``), summed over the replica's stages. The norm is kept for logging.
-    """
-    import torch.distributed as dist
-
-    params = [p for p in engine.module.parameters() if p.grad is not None
-              and not getattr(p, "ds_pipe_replicated", False)]
-    sq = torch.zeros(1, dtype=torch.float64)
-    for p in params:
-        sq += p.grad.detach().double().pow(2).sum()
-    dist.all_reduce(sq, group=engine.grid.get_model_parallel_group())
-    norm = float(sq.sqrt())
-    engine._global_grad_norm = norm
-    coef = min(1.0, engine.gradient_clipping() / (norm + 1e-6))
-    if coef < 1.0:
-        for p in engine.module.parameters():
-            if p.grad is not None:
-                p.grad.detach().mul_(coef)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
