@@ -41,3 +41,20 @@ def tiny_config(model_type: str, **overrides):
     kwargs.update(FAMILIES[model_type])
     kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)
+
+
+def hf_sgd_losses(model, batch, steps: int, lr: float, max_grad_norm: float | None = None) -> list[float]:
+    """The HF model's own loss over ``steps`` plain SGD steps on ``batch`` (optionally clipped like HF Trainer): the
+    reference a pipeline's ``train_batch`` losses are compared with."""
+    import torch
+
+    opt, losses = torch.optim.SGD(model.parameters(), lr=lr), []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        losses.append(float(loss))
+        loss.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        opt.step()
+        opt.zero_grad()
+    return losses

@@ -10,7 +10,7 @@ from hfpipe.heads import ChunkedLogits
 from hfpipe.pipeline import to_pipeline
 from hfpipe.verify import make_batch
 
-from models import tiny_config
+from models import hf_sgd_losses, tiny_config
 
 
 def _model(family):
@@ -90,14 +90,7 @@ def _train_step(model_type, chunk, stages):
         "steps_per_print": 10**9, "gradient_clipping": 0.0,  # DeepSpeed's default clips at 1.0
         "optimizer": {"type": "SGD", "params": {"lr": 0.1}}})
     losses = [float(engine.train_batch(iter(data))) for _ in range(2)]
-    hf, opt = [], torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(2):
-        loss = model(**batch).loss
-        hf.append(float(loss))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return {"stage": engine.stage_id, "losses": losses, "hf": hf}
+    return {"stage": engine.stage_id, "losses": losses, "hf": hf_sgd_losses(model, batch, 2, lr=0.1)}
 
 
 def test_chunked_loss_in_a_two_stage_engine(dist_pool):

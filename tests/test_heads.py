@@ -15,7 +15,7 @@ from hfpipe.heads import head_for_class
 from hfpipe.pipeline import compute_parts, prepare
 from hfpipe.verify import ModelSpec, compare, format_report, verify
 
-from models import tiny_config
+from models import hf_sgd_losses, tiny_config
 
 HEAD_CLASSES = {"sequence-classification": transformers.AutoModelForSequenceClassification,
                 "token-classification": transformers.AutoModelForTokenClassification,
@@ -252,15 +252,8 @@ def _clipped_sgd_losses(parts):
                                    "optimizer": {"type": "SGD", "params": {"lr": 0.1}}})
     data = micro_batches(batch, pipe, 2)
     losses = [float(engine.train_batch(iter(data))) for _ in range(3)]
-    hf, opt = [], torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(3):
-        loss = model(**batch).loss
-        hf.append(float(loss))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-        opt.step()
-        opt.zero_grad()
-    return {"stage": engine.stage_id, "losses": losses, "hf": hf}
+    return {"stage": engine.stage_id, "losses": losses,
+            "hf": hf_sgd_losses(model, batch, 3, lr=0.1, max_grad_norm=0.5)}
 
 
 @pytest.mark.parametrize("parts", [[0, 6, 12], [0, 7, 12]])
