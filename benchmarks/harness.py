@@ -11,6 +11,7 @@ block; the benchmarks measure what that generality costs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -182,6 +183,17 @@ class _StageClock:
     def __init__(self, t_forward: float, t_backward: float):
         self.t_forward, self.t_backward = t_forward, t_backward
         self.forward_start = self.backward_start = 0.0
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to ``n`` inside the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _sleep_until(deadline: float) -> None:

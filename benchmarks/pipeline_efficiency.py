@@ -128,39 +128,46 @@ def rank_run(variants, num_stages: int, num_micro_batches: int, t_forward: float
     load changes. ``variants``: one name (returns its dict) or a list (returns ``{variant: dict}``)."""
     import torch.distributed as dist
 
-    import torch
-
     # one thread per rank, as one device per rank: idle OpenMP workers spinning would take cores from other ranks
-    torch.set_num_threads(1)
-    names = [variants] if isinstance(variants, str) else list(variants)
-    built = {v: _build(v, num_stages, num_micro_batches, t_forward, t_backward, seq_len, micro_batch_size, seed,
-                       cost) for v in names}
-    totals: dict[str, dict[str, float]] = {v: {} for v in names}
-    enabled = {v: [False] for v in names}
-    for v, (engine, _, _) in built.items():
-        _timed_instructions(engine, totals[v], enabled[v])
-    times: dict[str, list[float]] = {v: [] for v in names}
-    for step in range(warmup + steps):
-        order = names[step % len(names):] + names[:step % len(names)]
-        for v in order:
-            engine, data, _ = built[v]
-            enabled[v][0] = step >= warmup
-            dist.barrier()
-            t0 = time.perf_counter()
-            engine.train_batch(iter(data))
-            elapsed = time.perf_counter() - t0
-            if step >= warmup:
-                times[v].append(elapsed)
-    out = {v: {"rank": dist.get_rank(), "stage": built[v][0].stage_id, "times": times[v],
-               "instructions_ms_per_step": {k: 1e3 * t / steps for k, t in sorted(totals[v].items())},
-               "parts": built[v][2]} for v in names}
-    del built
-    return out[names[0]] if isinstance(variants, str) else out
+    # (restored afterwards: the ranks may be a shared pool's)
+    with harness.torch_threads(1):
+        names = [variants] if isinstance(variants, str) else list(variants)
+        built = {v: _build(v, num_stages, num_micro_batches, t_forward, t_backward, seq_len, micro_batch_size, seed,
+                           cost) for v in names}
+        totals: dict[str, dict[str, float]] = {v: {} for v in names}
+        enabled = {v: [False] for v in names}
+        for v, (engine, _, _) in built.items():
+            _timed_instructions(engine, totals[v], enabled[v])
+        times: dict[str, list[float]] = {v: [] for v in names}
+        for step in range(warmup + steps):
+            order = names[step % len(names):] + names[:step % len(names)]
+            for v in order:
+                engine, data, _ = built[v]
+                enabled[v][0] = step >= warmup
+                dist.barrier()
+                t0 = time.perf_counter()
+                engine.train_batch(iter(data))
+                elapsed = time.perf_counter() - t0
+                if step >= warmup:
+                    times[v].append(elapsed)
+        out = {v: {"rank": dist.get_rank(), "stage": built[v][0].stage_id, "times": times[v],
+                   "instructions_ms_per_step": {k: 1e3 * t / steps for k, t in sorted(totals[v].items())},
+                   "parts": built[v][2]} for v in names}
+        del built
+        return out[names[0]] if isinstance(variants, str) else out
 
 
 def layer_costs(reps: int = 200) -> dict:
     """Per-layer forward time and whole-model forward/backward time of both pipelines at one stage in this process
-    (no messages, no sleep): what hfpipe's layers themselves cost over the hand-written ones."""
+    (no messages, no sleep, one thread): what hfpipe's layers themselves cost over the hand-written ones."""
+    from hfpipe.pipeline import _ensure_distributed
+
+    _ensure_distributed()  # a PipelineModule asks for its rank
+    with harness.torch_threads(1):
+        return _layer_costs(reps)
+
+
+def _layer_costs(reps: int) -> dict:
     import statistics
 
     import torch
@@ -168,11 +175,7 @@ def layer_costs(reps: int = 200) -> dict:
 
     from hfpipe import to_pipeline
     from hfpipe.data import micro_batches
-    from hfpipe.pipeline import _ensure_distributed
 
-    _ensure_distributed()  # a PipelineModule asks for its rank
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     config = tiny_llama_config(2)
     torch.manual_seed(0)
     ids = torch.randint(1, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -203,7 +206,6 @@ def layer_costs(reps: int = 200) -> dict:
         out[name] = {"layers": [{"layer": n, "forward_ms": 1e3 * statistics.median(t)}
                                 for n, t in zip(names, per_layer)],
                      "forward_ms": 1e3 * statistics.median(fwd), "backward_ms": 1e3 * statistics.median(bwd)}
-    torch.set_num_threads(threads)
     return out
 
 

@@ -219,7 +219,7 @@ def layer_costs(builder, workload: Workload | None = None, **workload_kwargs) ->
             fwd = rows * (matmul + ELEMENTWISE_FLOPS * out)
             if builder.head.name == "causal-lm":
                 fwd += T * LOSS_FLOPS_PER_LOGIT * vocab
-                if getattr(builder, "loss_chunk_tokens", None):
+                if builder.loss_chunk_tokens is not None:
                     # hfpipe.heads.ChunkedLogits: only the hidden states stay (added below); each chunk's logits
                     # are transient and the head runs again in backward
                     recompute = 1.0

@@ -135,8 +135,10 @@ class Head(PipeLayer):
 
     def forward(self, inputs):
         if defers_logits(self.builder):
-            return ChunkedLogits(inputs, lambda x: run_head(self.shell, self.adapter, self.builder, x),
-                                 self.builder.loss_chunk_tokens)
+            return ChunkedLogits(inputs, self._logits, self.builder.loss_chunk_tokens)
+        return self._logits(inputs)
+
+    def _logits(self, inputs):
         return run_head(self.shell, self.adapter, self.builder, inputs)
 
 
@@ -205,9 +207,9 @@ def _module_path(root: nn.Module, module: nn.Module) -> str:
 # ---------------------------------------------------------------------------------------------- chunked LM loss
 def defers_logits(builder) -> bool:
     """Whether the causal-LM head hands the loss a :class:`ChunkedLogits` instead of full logits: only with
-    ``loss_chunk_tokens`` set and while autograd records (training). Evaluation and generation, which run without
-    gradients, still get logits."""
-    return bool(getattr(builder, "loss_chunk_tokens", None)) and builder.head is CAUSAL_LM and torch.is_grad_enabled()
+    ``loss_chunk_tokens`` set (``PipelineBuilder.chunk_loss`` allows it for causal-LM heads only) and while autograd
+    records (training). Evaluation and generation, which run without gradients, still get logits."""
+    return builder.loss_chunk_tokens is not None and torch.is_grad_enabled()
 
 
 class ChunkedLogits:

@@ -45,7 +45,7 @@ def pack_boundary(inputs: tuple) -> torch.Tensor | tuple:
 def unpack_boundary(adapter, received: torch.Tensor | tuple) -> tuple:
     """Inverse of :func:`pack_boundary` on the receiving stage: ``(hidden, attention_mask, position_ids, *rest)``."""
     packed, *rest = received if isinstance(received, tuple) else (received,)
-    hidden = packed[..., :-1].contiguous()  # keeps the autograd link to the received buffer
+    hidden = packed[..., :-1].contiguous()  # a slice has row stride hidden + 1; some blocks .view() their input
     attention_mask = packed[..., -1].detach().long()
     return (hidden, attention_mask, adapter.position_ids(attention_mask, attention_mask), *rest)
 

@@ -115,6 +115,19 @@ def test_chunked_loss_matches_full_loss():
         torch.testing.assert_close(a, b)
 
 
+def test_torch_threads_is_restored_even_on_error():
+    outer = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="inside"):
+            with harness.torch_threads(1):
+                assert torch.get_num_threads() == 1
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(outer)
+
+
 @pytest.mark.parametrize("stage_id", [0, 1])
 def test_fixed_stage_cost_pads_each_pass(stage_id):
     """Forward takes at least t_F and backward at least t_B (the stage's own work inside the window), gradients
