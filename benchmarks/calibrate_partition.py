@@ -6,7 +6,7 @@ time of its thread (``time.thread_time``, one intra-op thread per rank): on a sh
 time measures the neighbours, CPU time measures the work. Shares = stage time / sum over stages, compared with the
 plan's FLOP shares (``attention="dense"``: CPU SDPA computes the masked half of causal attention too). The
 ``profile`` mode instead times each layer once in one process, partitions on those measurements and predicts the
-shares from them (``hfpipe.costs.profile_layers``).
+shares from them (``hfpipe.core.costs.profile_layers``).
 
     python benchmarks/calibrate_partition.py --repeats 7    # writes benchmarks/calibration.{json,md}
 """
@@ -36,7 +36,7 @@ def rank_timing(stages: int, seq_len: int, micro_batch_size: int, micro_batches:
     import torch
     from deepspeed.runtime.pipe import schedule
 
-    from hfpipe.data import micro_batches as split
+    from hfpipe.core.batches import micro_batches as split
     from hfpipe.pipeline import to_pipeline
 
     torch.manual_seed(0)
@@ -95,12 +95,12 @@ def _model_class():
 
 
 def profiled(stages, seq_len, micro_batch_size):
-    """Stage shares and split from measured per-layer seconds (``hfpipe.costs.profile_layers``)."""
+    """Stage shares and split from measured per-layer seconds (``hfpipe.core.costs.profile_layers``)."""
     import torch
 
     from hfpipe import partition as partition_lib
-    from hfpipe.costs import profile_layers
-    from hfpipe.pipeline import compute_parts, prepare
+    from hfpipe.core.costs import profile_layers
+    from hfpipe.core.builder import compute_parts, prepare
     from hfpipe.plan import describe_layers
 
     torch.set_num_threads(1)
@@ -194,8 +194,8 @@ def render(results) -> str:
         f"{results['repeats']} steps after one warm-up step. Machine: {results['cpu_count']} cores shared with other "
         f"jobs (load average {results['load_average'][0]:.1f} at start, {results['load_average_end'][0]:.1f} at end).",
         "",
-        "`flops` = split and shares from the FLOP cost model (`hfpipe.costs.layer_costs`); `profile` = split and shares "
-        "from each layer's forward+backward timed once in one process (`hfpipe.costs.profile_layers`).",
+        "`flops` = split and shares from the FLOP cost model (`hfpipe.core.costs.layer_costs`); `profile` = split and shares "
+        "from each layer's forward+backward timed once in one process (`hfpipe.core.costs.profile_layers`).",
         "",
         "| mode | p | stage | layers | predicted share | measured share | rel. error | CPU s/step (median) | spread |",
         "|---|---|---|---|---|---|---|---|---|",

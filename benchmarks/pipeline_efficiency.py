@@ -95,8 +95,8 @@ def _build(variant: str, num_stages: int, num_micro_batches: int, t_forward: flo
         from transformers import LlamaForCausalLM
 
         from hfpipe import to_pipeline
-        from hfpipe.data import micro_batches
-        from hfpipe.layers import PipeLayer
+        from hfpipe.core.batches import micro_batches
+        from hfpipe.core.layers import PipeLayer
 
         model = LlamaForCausalLM(config)
         # balance the block layers (whole blocks or attention/MLP halves): one block per stage, like the bare module
@@ -174,7 +174,7 @@ def _layer_costs(reps: int) -> dict:
     from transformers import LlamaForCausalLM
 
     from hfpipe import to_pipeline
-    from hfpipe.data import micro_batches
+    from hfpipe.core.batches import micro_batches
 
     config = tiny_llama_config(2)
     torch.manual_seed(0)

@@ -162,7 +162,7 @@ def render(path: str = os.path.join(BENCH, "RESULTS.md")) -> str:
                   "the hidden states; this run priced them with the hand-written module sending them too, as two "
                   "tensors (bare-tuple) or stacked in one (bare-packed). Since then hfpipe sends one tensor: the "
                   "0/1 mask rides as an extra channel of the hidden states and each stage recomputes the positions "
-                  "(`hfpipe.layers.pack_boundary`).", "",
+                  "(`hfpipe.core.layers.pack_boundary`).", "",
                   harness.markdown_table(message_rows(msgs["rows"]), [
                       ("p", "p", ""), ("m", "m", ""), ("bare", "bare (s)", ".3f"),
                       ("bare-tuple", "bare-tuple (s)", ".3f"), ("bare-packed", "bare-packed (s)", ".3f"),

@@ -12,7 +12,7 @@ between them):
 * ``hfpipe``         ``hfpipe.to_pipeline(..., num_stages=1)`` with the same DeepSpeed config;
 * ``bare-chunked-ce`` / ``native-chunked-ce``: the loss projects and takes the fp32 cross-entropy over 1024 tokens
   at a time (``harness.chunked_causal_lm_loss``), never holding full fp32 logits;
-* ``hfpipe-chunked-ce``: hfpipe's own ``to_pipeline(..., loss_chunk_tokens=1024)`` (``hfpipe.heads.ChunkedLogits``).
+* ``hfpipe-chunked-ce``: hfpipe's own ``to_pipeline(..., loss_chunk_tokens=1024)`` (``hfpipe.core.heads.ChunkedLogits``).
 
 Tokens/s counts every token of the global batch (micro-batch x accumulation x seq); MFU uses
 ``6 N + 12 L h s`` FLOPs per token (N = parameters, tied embedding once -- its head matmul is real compute, its
@@ -216,7 +216,7 @@ def _pipeline_step_fn(variant: str, config, device, dtype: str, micro_batch_size
         from transformers import LlamaForCausalLM
 
         from hfpipe import to_pipeline
-        from hfpipe.data import micro_batches
+        from hfpipe.core.batches import micro_batches
 
         pipe = to_pipeline(config, model_class=LlamaForCausalLM, num_stages=1,
                            loss_chunk_tokens=1024 if variant == "hfpipe-chunked-ce" else None)

@@ -43,7 +43,7 @@ def _verify(p: argparse.ArgumentParser):
     p.add_argument("--json", action="store_true", help="print the report as JSON on the last line")
 
     def run(args) -> int:
-        from .verify import format_report, verify_dir
+        from hfpipe.verify import format_report, verify_dir
 
         report = verify_dir(args.model, stages=args.stages, micro_batches=args.micro_batches,
                             batch_size=args.batch_size, seq_len=args.seq_len, dp=args.dp, dtype=args.dtype,
@@ -67,8 +67,8 @@ def parse_partition(value: str):
 @command("families", "list supported model families and heads")
 def _families(p: argparse.ArgumentParser):
     def run(args) -> int:
-        from .adapters import supported_families
-        from .heads import HEADS
+        from hfpipe.core.adapters import supported_families
+        from hfpipe.core.heads import HEADS
 
         for model_type, how in supported_families().items():
             print(f"{model_type:<16}{how}")
@@ -102,7 +102,7 @@ def _plan(p: argparse.ArgumentParser):
     p.add_argument("--json", action="store_true", help="print the plan as JSON on the last line")
 
     def run(args) -> int:
-        from .plan import compare, format_compare, format_plan, plan
+        from hfpipe.plan import compare, format_compare, format_plan, plan
 
         kwargs = dict(stages=args.stages, seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
                       micro_batches=args.micro_batches, dp=args.dp, zero_stage=args.zero_stage, dtype=args.dtype,
@@ -135,7 +135,7 @@ def _ds_config(p: argparse.ArgumentParser):
     p.set_defaults(_extra_args=True)
 
     def run(args) -> int:
-        from .config import describe, format_sources
+        from hfpipe.training.config import describe, format_sources
 
         argv = [*(["--accelerate_config", args.accelerate_config] if args.accelerate_config else []),
                 *(["--deepspeed", args.deepspeed] if args.deepspeed else []), *args.extra]
@@ -168,7 +168,7 @@ def _push(p: argparse.ArgumentParser):
     p.add_argument("--dataset", help="Hub id of the training dataset (model card)")
 
     def run(args) -> int:
-        from .hub import PushError, push
+        from hfpipe.hub import PushError, push
 
         try:
             url = push(args.path, args.repo_id, export_dir=args.export_dir, base_model=args.base_model,
@@ -185,7 +185,7 @@ def _push(p: argparse.ArgumentParser):
 
 # ------------------------------------------------------------------------------------------------------- convert
 def _model_class(name: str | None):
-    from .checkpoint import transformers_class
+    from hfpipe.core.weights import transformers_class
 
     return transformers_class(name, "--model-class") if name else None
 
@@ -210,7 +210,7 @@ def _convert(p: argparse.ArgumentParser):
                    "BertForSequenceClassification (a missing head is initialised as HF does)")
 
     def run(args) -> int:
-        from .checkpoint import convert
+        from hfpipe.checkpoint import convert
 
         m = convert(args.model, args.output, num_stages=args.stages, partition_method=parse_partition(args.partition),
                     dtype=args.dtype, model_class=_model_class(args.model_class), overwrite=args.overwrite,
@@ -240,7 +240,7 @@ def _export(p: argparse.ArgumentParser):
     p.add_argument("--model-class", help="task class, with --model")
 
     def run(args) -> int:
-        from .checkpoint import export
+        from hfpipe.checkpoint import export
 
         out = export(args.checkpoint, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
                      overwrite=args.overwrite, model=args.model, model_class=_model_class(args.model_class),
@@ -256,7 +256,7 @@ def _export(p: argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hfpipe", description=__doc__.splitlines()[0])
-    from . import __version__
+    from hfpipe._version import __version__
 
     parser.add_argument("--version", action="version", version=f"hfpipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

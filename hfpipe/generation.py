@@ -29,6 +29,8 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
+from hfpipe.core.layers import BodyShell, LayerKind, TokenEmbedding
+
 __all__ = ["generate", "generate_continuations", "prompts_from_batch"]
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -45,7 +47,7 @@ class _Stage:
         if not self.adapter.causal:
             raise ValueError(f"generation needs a decoder; {self.adapter.model_class.__name__} is an encoder "
                              "(bidirectional attention). Use a *ForCausalLM model.")
-        if pipe.head.name != "causal-lm":
+        if not pipe.head.causal:
             raise ValueError(f"generation needs a causal-LM head; this pipeline has a {pipe.head.name!r} head. Build "
                              "it from AutoModelForCausalLM.")
         topo = pipe._topo
@@ -139,23 +141,23 @@ class _Stage:
         Returns the hidden state, or the last position's logits on the last stage."""
         prefill_mask = attention_mask if x.shape[1] == attention_mask.shape[1] else None
         for info, func in self.layers:
-            name = info.name
-            if name == "TokenEmbedding":
+            layer = info.layer
+            if issubclass(layer, TokenEmbedding):
                 x = func.embed(x)
-            elif name == "BodyShell":
+            elif issubclass(layer, BodyShell):
                 x = self._shell(func, x, prefill_mask, position_ids)
-            elif name in ("Block", "AttentionHalfBlock"):
+            elif layer.kind is LayerKind.BLOCK and layer.has_attention:  # a block or its attention half
                 x = self._block(func, info.block, x, attention_mask, position_ids)
-            elif name == "MLPHalfBlock":
+            elif layer.kind is LayerKind.BLOCK:  # the MLP half: per token, no cache
                 out = func.layer(x)
                 x = out[0] if isinstance(out, tuple) else out
-            elif name == "Final":
+            elif layer.kind is LayerKind.FINAL:
                 # final norm / projection act per token: only the last position is needed for the next token
                 x = func((x[:, -1:], attention_mask, position_ids))
-            elif name in ("Head", "TiedLMHead"):
+            elif layer.kind is LayerKind.HEAD:
                 x = func(x)
             else:
-                raise ValueError(f"generation does not know how to run pipeline layer {name!r} (layer {info}).")
+                raise ValueError(f"generation does not know how to run pipeline layer {info.name!r} (layer {info}).")
         return x[:, -1] if isinstance(x, torch.Tensor) and x.dim() == 3 and self.is_last else x
 
 

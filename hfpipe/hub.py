@@ -14,11 +14,12 @@ import json
 import os
 import re
 
+from hfpipe._version import __version__
+from hfpipe.core.heads import HEADS
+
 TAGS = ["hfpipe", "deepspeed", "pipeline-parallelism"]
-#: hfpipe head name -> Hub pipeline tag
-PIPELINE_TAGS = {"sequence-classification": "text-classification", "token-classification": "token-classification",
-                 "question-answering": "question-answering", "causal-lm": "text-generation",
-                 "text2text": "text2text-generation"}
+#: task name in a card (an hfpipe head's name, or a task of hfpipe.tasks) -> Hub pipeline tag
+PIPELINE_TAGS = {**{h.name: h.pipeline_tag for h in HEADS.values()}, "text2text": "text2text-generation"}
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
@@ -88,8 +89,6 @@ def _eval_metrics(metrics: dict) -> dict:
 def model_card(repo_id: str, card_info: dict):
     """A ``huggingface_hub.ModelCard`` with ``ModelCardData`` metadata and a short body."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    from . import __version__
 
     name = repo_id.split("/")[-1]
     task = card_info.get("task")
@@ -189,7 +188,8 @@ def push(path: str, repo_id: str, *, export_dir: str | None = None, base_model: 
                         "HF_HUB_OFFLINE and run the command again.")
     folder = path
     if not is_hf_folder(path):
-        from .checkpoint import export, is_pipeline_checkpoint
+        from hfpipe.checkpoint import export
+        from hfpipe.core.weights import is_pipeline_checkpoint
 
         if not is_pipeline_checkpoint(path):
             raise PushError(f"{path} is neither a model folder (config.json and *.safetensors) nor a pipeline "

@@ -3,7 +3,7 @@ touched.
 
 Everything is read off the config: the model is built on the meta device (no weights, so an 8B config plans in
 about a second), its fixed layer list comes from ``hfpipe.pipeline.prepare``, each layer's work and memory from
-``hfpipe.costs``, and the stage boundaries from the same ``compute_parts`` that ``to_pipeline`` uses -- so the plan
+``hfpipe.core.costs``, and the stage boundaries from the same ``compute_parts`` that ``to_pipeline`` uses -- so the plan
 shows exactly the split training will run with. The predicted pipeline efficiency is the 1F1B bubble times the
 imbalance: ``m / (m + p - 1) x mean / max`` stage cost.
 """
@@ -14,9 +14,11 @@ import json
 import os
 from typing import Sequence
 
-from . import costs as costs_lib
-from . import partition as partition_lib
-from .checkpoint import CheckpointError, transformers_class
+from hfpipe.core import costs as costs_lib
+from hfpipe.core import partition as partition_lib
+from hfpipe.core.builder import compute_parts, prepare
+from hfpipe.core.layers import LayerKind
+from hfpipe.core.weights import CheckpointError, transformers_class
 
 METHODS = ("balanced", "balanced:blocks", "parameters", "uniform")
 GIB = 1024.0 ** 3
@@ -54,21 +56,21 @@ def describe_layers(infos, start: int, stop: int) -> str:
     i = start
     while i < stop:
         info = infos[i]
-        if info.kind == "block":
-            if info.part == "attention" and i + 1 < stop and infos[i + 1].part == "mlp":
-                run.append(info.block)
+        if info.kind is LayerKind.BLOCK:
+            halves = infos[i:min(i + 2, stop)]
+            if len(halves) == 2 and halves[1].block == info.block and not halves[1].layer.starts_block:
+                run.append(info.block)  # both halves of a block: shown as the block
                 i += 2
                 continue
-            if info.part == "whole":
+            if info.layer.owned_children is None:
                 run.append(info.block)
             else:
                 flush()
-                items.append(f"B{info.block}.{'attn' if info.part == 'attention' else 'mlp'}")
-        else:
+                items.append(f"B{info.block}.{info.layer.plan_label}")
+        elif info.layer.plan_label is not None:  # a prelude (plan_label None) is shown with its block
             flush()
-            label = {"embedding": "embed", "final": "norm", "head": "head"}[info.kind]
-            if not items or items[-1] != label:
-                items.append(label)
+            if not items or items[-1] != info.layer.plan_label:
+                items.append(info.layer.plan_label)
         i += 1
     flush()
     return ", ".join(items)
@@ -81,8 +83,6 @@ def plan(model, *, stages: int, partition="balanced", seq_len: int = 4096, micro
     """The stage split of ``model`` (an HF model, a config + ``model_class``, or a config folder / config.json) and
     each stage's layers, parameters, FLOPs, share of work and memory. ``micro_batches`` defaults to ``4 x stages``;
     ``loss_chunk_tokens`` as in ``to_pipeline`` (the head keeps no logits and runs again in backward)."""
-    from .pipeline import compute_parts, prepare
-
     if isinstance(model, (str, os.PathLike)):
         model, model_class = load_config(str(model))
     if stages < 1:
@@ -104,7 +104,7 @@ def plan(model, *, stages: int, partition="balanced", seq_len: int = 4096, micro
 
     name = builder.adapter.model_class.__name__
     if memory_cap_gib is not None and isinstance(partition, str) and partition.startswith("balanced"):
-        cut_allowed = [i.cut_allowed and (partition == "balanced" or i.part != "mlp") for i in infos]
+        cut_allowed = [i.cut_allowed and (partition == "balanced" or i.layer.starts_block) for i in infos]
         if stages > builder.adapter.num_blocks:
             compute_parts(partition, infos, stages, builder.adapter.num_blocks, name, costs=flops)  # its error
         parts = partition_lib.balanced(flops, stages, cut_allowed, memory=memory, memory_cap=memory_cap_gib * GIB)

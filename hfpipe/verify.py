@@ -25,6 +25,12 @@ from typing import Any
 
 import torch
 
+from hfpipe.core.batches import make_batch
+from hfpipe.core.batches import micro_batches as split
+from hfpipe.core.heads import head_for_class
+from hfpipe.launch import DistributedPool
+from hfpipe.pipeline import to_pipeline
+
 TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -94,47 +100,6 @@ def model_spec_from_dir(path: str, dtype: str = "fp32") -> ModelSpec:
 
 
 # ------------------------------------------------------------------------------------------------------- batches
-def make_batch(config, head_name: str, batch_size: int = 4, seq_len: int = 16, seed: int = 0,
-               padding: str = "right") -> dict[str, torch.Tensor]:
-    """A random padded batch with labels for ``head_name``; lengths vary per example (``padding``: right|left)."""
-    g = torch.Generator().manual_seed(seed)
-    vocab = config.vocab_size
-    pad = config.pad_token_id if config.pad_token_id is not None else 0
-    ids = torch.randint(1, vocab, (batch_size, seq_len), generator=g)
-    ids[ids == pad] = (pad + 1) % vocab
-    lengths = [max(2, seq_len - (i * 3) % max(1, seq_len // 2)) for i in range(batch_size)]
-    mask = torch.zeros(batch_size, seq_len, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        if padding == "left":
-            mask[i, seq_len - n:] = 1
-        else:
-            mask[i, :n] = 1
-    ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad))
-    batch = {"input_ids": ids, "attention_mask": mask}
-    if head_name == "causal-lm":
-        batch["labels"] = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
-    elif head_name == "token-classification":
-        labels = torch.randint(0, config.num_labels, (batch_size, seq_len), generator=g)
-        skip = torch.rand(batch_size, seq_len, generator=g) < 0.2  # e.g. non-first sub-tokens
-        batch["labels"] = torch.where(mask.bool() & ~skip, labels, torch.full_like(labels, -100))
-    elif head_name == "sequence-classification":
-        if config.num_labels == 1:
-            batch["labels"] = torch.randn(batch_size, generator=g)
-        else:
-            batch["labels"] = torch.randint(0, config.num_labels, (batch_size,), generator=g)
-    elif head_name == "question-answering":
-        starts = torch.tensor([int(torch.randint(0, n, (1,), generator=g)) for n in lengths])
-        ends = torch.tensor([min(n - 1, int(s) + int(torch.randint(0, 3, (1,), generator=g)))
-                             for s, n in zip(starts, lengths)])
-        if padding == "left":
-            starts = starts + torch.tensor([seq_len - n for n in lengths])
-            ends = ends + torch.tensor([seq_len - n for n in lengths])
-        batch["start_positions"], batch["end_positions"] = starts, ends
-    else:
-        raise ValueError(f"unknown head {head_name!r}")
-    return batch
-
-
 def load_inputs(path: str) -> dict[str, torch.Tensor]:
     """A user batch from ``.pt`` (dict of tensors) or ``.json`` (dict of nested lists)."""
     if path.endswith(".pt"):
@@ -177,9 +142,6 @@ def rank_step(spec: ModelSpec, batch: dict, stages: int, micro_batches: int, par
     import deepspeed
     import torch.distributed as dist
 
-    from .data import micro_batches as split
-    from .pipeline import to_pipeline
-
     model = spec.build()
     pipe = to_pipeline(model, num_stages=stages, partition_method=partition,
                        activation_checkpoint_interval=activation_checkpoint_interval)
@@ -210,14 +172,12 @@ def rank_step(spec: ModelSpec, batch: dict, stages: int, micro_batches: int, par
 # -------------------------------------------------------------------------------------------------------- compare
 def reference(spec: ModelSpec, batch: dict) -> dict:
     """The HF model on the whole batch: loss, logits, gradients by name."""
-    from .heads import head_for_class
-
     model = spec.build()
     head = head_for_class(type(model))
     out = model(**batch)
     out.loss.backward()
-    logits = (out.start_logits.float(), out.end_logits.float()) if head.name == "question-answering" \
-        else out.logits.float()
+    logits = head.outputs(out)
+    logits = tuple(t.float() for t in logits) if isinstance(logits, tuple) else logits.float()
     grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
     return {"loss": float(out.loss.detach()), "logits": logits, "grads": grads,
             "params": [n for n, _ in model.named_parameters()], "head": head.name}
@@ -282,13 +242,9 @@ def verify(spec: ModelSpec, *, stages: int, micro_batches: int = 4, batch_size: 
            padding: str = "right", pool=None) -> dict:
     """Run the comparison; ``pool`` (a :class:`hfpipe.launch.DistributedPool` of ``stages*dp`` ranks) is created
     and closed here when not given."""
-    from .launch import DistributedPool
-
     if batch is None:
-        from .heads import head_for_class
-
         head = head_for_class(spec.model_class())
-        batch = make_batch(spec.hf_config(), head.name, batch_size, seq_len, padding=padding)
+        batch = make_batch(spec.hf_config(), head, batch_size, seq_len, padding=padding)
     ref = reference(spec, batch)
     own = pool is None
     if own:

@@ -20,8 +20,7 @@ from transformers import AutoTokenizer
 from hfpipe import PipelineTrainer
 from hfpipe.generation import generate_continuations
 from hfpipe.tasks.base import recipe_arguments, save_metrics
-from hfpipe.tasks.text2text import (RECIPE_DEFAULTS, Text2TextDataArguments, Text2TextTask, default_tokenizer,
-                                    small_decoder_config)
+from hfpipe.tasks.text2text import RECIPE_DEFAULTS, Text2TextDataArguments, Text2TextTask, default_tokenizer, small_decoder_config
 
 
 def _task_from_argv(default: str) -> str:

@@ -11,9 +11,9 @@ import subprocess
 import pytest
 import yaml
 
-from hfpipe.arguments import PipelineTrainingArguments
+from hfpipe.training.arguments import PipelineTrainingArguments
 from hfpipe.cli import main
-from hfpipe.config import ConfigError, resolve_ds_config
+from hfpipe.training.config import ConfigError, resolve_ds_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DS = {"offload_optimizer_device": "none", "offload_param_device": "none", "zero3_init_flag": False}
@@ -215,7 +215,7 @@ def test_pipeline_section_needs_the_yaml_under_accelerate_launch():
 
 
 def test_default_config_path(tmp_path, monkeypatch):
-    import hfpipe.accelerate_bridge as bridge
+    import hfpipe.training.accelerate as bridge
 
     from accelerate.commands.config.config_args import default_config_file
     assert bridge.default_config_path() == default_config_file

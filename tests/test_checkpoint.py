@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hfpipe.checkpoint import CheckpointError, resolve_pretrained
+from hfpipe.core.weights import CheckpointError, resolve_pretrained
 from models import tiny_config
 
 

@@ -1,14 +1,14 @@
-"""``loss_chunk_tokens``: the causal-LM training loss over chunks of tokens (``hfpipe.heads.ChunkedLogits``) gives
+"""``loss_chunk_tokens``: the causal-LM training loss over chunks of tokens (``hfpipe.core.heads.ChunkedLogits``) gives
 HF's loss and gradients without ever holding the full logits; evaluation and generation still see logits."""
 
 import pytest
 import torch
 import transformers
 
-from hfpipe.data import micro_batches
-from hfpipe.heads import ChunkedLogits
+from hfpipe.core.batches import micro_batches
+from hfpipe.core.heads import ChunkedLogits
 from hfpipe.pipeline import to_pipeline
-from hfpipe.verify import make_batch
+from hfpipe.core.batches import make_batch
 
 from models import hf_sgd_losses, tiny_config
 

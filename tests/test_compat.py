@@ -34,7 +34,8 @@ def test_pipeline_module_internals():
     assert "self._partition_layers(method=partition_method)" in src, msg + "__init__ no longer calls _partition_layers"
     for attr in ("_build", "_set_bounds", "forward_funcs", "tied_modules", "_local_start", "stage_id", "num_stages"):
         assert attr in inspect.getsource(PipelineModule), msg + attr
-    assert "checkpointable_layers" in _params(PipelineModule.__init__), msg + "checkpointable_layers"
+    assert _params(PipelineModule._is_checkpointable) == ["self", "funcs"], msg + "_is_checkpointable(self, funcs)"
+    assert "self._is_checkpointable(funcs)" in inspect.getsource(PipelineModule), msg + "_is_checkpointable not called"
     assert _params(TiedLayerSpec.__init__)[:3] == ["self", "key", "typename"], msg + "TiedLayerSpec(key, typename)"
     for kw in ("forward_fn", "tied_weight_attr"):
         assert kw in _params(TiedLayerSpec.__init__), msg + f"TiedLayerSpec({kw}=)"
@@ -52,7 +53,7 @@ def test_pipeline_engine_eval_batch_returns_outputs():
                                   "create_chunked_causal_mask", "create_bidirectional_mask"])
 def test_masking_utils_builders(name):
     fn = getattr(masking_utils, name, None)
-    assert fn is not None, f"transformers.masking_utils.{name} is gone; hfpipe.adapters.base builds block masks with it"
+    assert fn is not None, f"transformers.masking_utils.{name} is gone; hfpipe.core.adapters.base builds block masks with it"
     params = _params(fn)
     for kw in ("config", "inputs_embeds", "attention_mask"):
         assert kw in params, f"masking_utils.{name} lost `{kw}=`"
@@ -79,5 +80,5 @@ def test_loss_functions():
     from transformers.loss import loss_utils
 
     for name in ("ForCausalLMLoss", "ForSequenceClassificationLoss", "ForTokenClassification", "fixed_cross_entropy"):
-        assert hasattr(loss_utils, name), f"transformers.loss.loss_utils.{name} is gone; hfpipe.heads uses it"
+        assert hasattr(loss_utils, name), f"transformers.loss.loss_utils.{name} is gone; hfpipe.core.heads uses it"
     assert "num_items_in_batch" in _params(loss_utils.fixed_cross_entropy)

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from hfpipe.arguments import PipelineTrainingArguments, parse_args
-from hfpipe.config import ConfigError, explicit_fields, resolve_ds_config
+from hfpipe.training.arguments import PipelineTrainingArguments, parse_args
+from hfpipe.training.config import ConfigError, explicit_fields, resolve_ds_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_ACC = ({}, {})

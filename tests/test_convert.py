@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 sys.path.insert(0, os.path.dirname(__file__))
 from models import DECODERS, FAMILIES, tiny_config  # noqa: E402
 
-from hfpipe.checkpoint import (MANIFEST, CheckpointError, convert, export, is_pipeline_checkpoint,  # noqa: E402
-                               resolve_pretrained)
+from hfpipe.checkpoint import convert, export
+from hfpipe.core.weights import MANIFEST, CheckpointError, is_pipeline_checkpoint, resolve_pretrained
 
 
 def _auto(model_type):

@@ -3,9 +3,9 @@
 import pytest
 import transformers
 
-from hfpipe.adapters import UnsupportedModelError
-from hfpipe.dsconfig_check import validate_pipeline_ds_config
-from hfpipe.pipeline import compute_parts, prepare
+from hfpipe.core.adapters import UnsupportedModelError
+from hfpipe.core.dsconfig import validate_pipeline_ds_config
+from hfpipe.core.builder import compute_parts, prepare
 
 from models import tiny_config
 

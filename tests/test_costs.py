@@ -4,8 +4,9 @@ MoE top-k scaling on a tiny Mixtral, and the memory rules (precision, ZeRO-1, 1F
 import pytest
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig
 
-from hfpipe import costs
-from hfpipe.pipeline import prepare
+from hfpipe.core.layers import LayerKind
+from hfpipe.core import costs
+from hfpipe.core.builder import prepare
 
 from test_partition import LLAMA_8B
 
@@ -26,7 +27,7 @@ def test_llama_8b_flops_match_hand_formula(llama):
     expected = 3 * (2 * matmul + attention) * S * 2
     total = sum(c.flops for c in cs)
     assert total == pytest.approx(expected, rel=0.01)  # the rest: norms, activations, softmax over the vocab
-    blocks = [c for c in cs if c.kind == "block"]
+    blocks = [c for c in cs if c.kind is LayerKind.BLOCK]
     assert len(blocks) == 64 and [c.part for c in blocks[:2]] == ["attention", "mlp"]
     block = blocks[0].flops + blocks[1].flops
     assert 0.24 < blocks[0].flops / block < 0.27  # attention is a quarter of a block at 4k
@@ -56,7 +57,7 @@ def test_moe_counts_top_k_experts():
                                num_key_value_heads=2, vocab_size=128, num_local_experts=experts,
                                num_experts_per_tok=top_k)
         cs = costs.layer_costs(prepare(config, AutoModelForCausalLM), seq_len=16)
-        return next(c for c in cs if c.kind == "block" and c.part in ("mlp", "whole"))
+        return next(c for c in cs if c.kind is LayerKind.BLOCK and c.part in ("mlp", "whole"))
 
     base, more, k2 = block_cost(4, 1), block_cost(8, 1), block_cost(4, 2)
     assert more.params > 1.9 * base.params - 20000
@@ -107,9 +108,9 @@ def test_every_layer_kind_is_costed(model_type, auto):
     builder = prepare(tiny_config(model_type, num_labels=2), getattr(transformers, auto))
     cs = costs.layer_costs(builder, seq_len=32, micro_batch_size=2)
     assert [c.name for c in cs] == [i.name for i in builder.layers()]
-    blocks = [c.flops for c in cs if c.kind == "block"]
+    blocks = [c.flops for c in cs if c.kind is LayerKind.BLOCK]
     for part in ("whole", "attention", "mlp"):  # identical blocks (and halves) cost the same
-        same = [c.flops for c in cs if c.kind == "block" and c.part == part]
+        same = [c.flops for c in cs if c.kind is LayerKind.BLOCK and c.part == part]
         assert not same or (min(same) > 0 and max(same) == pytest.approx(min(same)))
     head = cs[-1]
     assert head.flops > 0 and all(c.flops >= 0 and c.activation_bytes > 0 for c in cs)
@@ -122,7 +123,7 @@ def test_every_layer_kind_is_costed(model_type, auto):
 def test_profile_layers_feeds_balanced():
     import torch
 
-    from hfpipe.pipeline import compute_parts
+    from hfpipe.core.builder import compute_parts
     from models import tiny_config
 
     builder = prepare(tiny_config("llama", vocab_size=4096), AutoModelForCausalLM)

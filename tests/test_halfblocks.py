@@ -5,8 +5,9 @@ import pytest
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from hfpipe.layers import _halves_match
-from hfpipe.pipeline import prepare
+from hfpipe.core.layers import LayerKind
+from hfpipe.core.layers import _halves_match
+from hfpipe.core.builder import prepare
 from hfpipe.verify import ModelSpec, format_report, verify
 
 from models import tiny_config
@@ -22,7 +23,7 @@ def _spec(model_type, cls=AutoModelForCausalLM, **overrides):
 def test_family_granularity(model_type, expected):
     builder = prepare(tiny_config(model_type), AutoModelForCausalLM)
     infos = builder.layers()
-    blocks = [i for i in infos if i.kind == "block"]
+    blocks = [i for i in infos if i.kind is LayerKind.BLOCK]
     assert builder.half_blocks is expected
     assert len(blocks) == (8 if expected else 4)
     assert [i.part for i in blocks][:2] == (["attention", "mlp"] if expected else ["whole", "whole"])
@@ -33,7 +34,7 @@ def test_family_granularity(model_type, expected):
 
 
 def test_layer_list_independent_of_stages():
-    from hfpipe.pipeline import compute_parts
+    from hfpipe.core.builder import compute_parts
 
     builder = prepare(tiny_config("llama"), AutoModelForCausalLM)
     infos = builder.layers()
@@ -44,7 +45,7 @@ def test_layer_list_independent_of_stages():
 
 
 def test_hf_names_of_halves():
-    from hfpipe.layers import AttentionHalfBlock, MLPHalfBlock
+    from hfpipe.core.layers import AttentionHalfBlock, MLPHalfBlock
 
     builder = prepare(tiny_config("llama"), AutoModelForCausalLM)
     attn, mlp = AttentionHalfBlock(builder, 2, 1), MLPHalfBlock(builder, 3, 1)
@@ -92,7 +93,7 @@ def test_self_check_refuses_other_shapes():
 
 def test_encoders_keep_whole_blocks():
     builder = prepare(tiny_config("bert", num_labels=2), AutoModelForSequenceClassification)
-    assert not builder.half_blocks and all(i.part == "whole" for i in builder.layers() if i.kind == "block")
+    assert not builder.half_blocks and all(i.part == "whole" for i in builder.layers() if i.kind is LayerKind.BLOCK)
 
 
 @pytest.mark.parametrize("stages,parts", [(2, [0, 3]), (4, [0, 3, 6, 9])])
@@ -109,8 +110,8 @@ def test_cut_inside_block_matches_hf(dist_pool, stages, parts):
 
 def test_default_balanced_partition_matches_hf(dist_pool):
     # to_pipeline's default method, end to end (costs at the default seq_len = max_position_embeddings = 64)
-    from hfpipe.costs import layer_costs
-    from hfpipe.pipeline import compute_parts
+    from hfpipe.core.costs import layer_costs
+    from hfpipe.core.builder import compute_parts
 
     builder = prepare(tiny_config("llama"), AutoModelForCausalLM)
     flops = [c.flops for c in layer_costs(builder, seq_len=64)]  # to_pipeline's default: max_position_embeddings

@@ -10,9 +10,9 @@ import pytest
 import torch
 import transformers
 
-from hfpipe.adapters import UnsupportedModelError
-from hfpipe.heads import head_for_class
-from hfpipe.pipeline import compute_parts, prepare
+from hfpipe.core.adapters import UnsupportedModelError
+from hfpipe.core.heads import head_for_class
+from hfpipe.core.builder import compute_parts, prepare
 from hfpipe.verify import ModelSpec, compare, format_report, verify
 
 from models import hf_sgd_losses, tiny_config
@@ -111,8 +111,8 @@ def _boundary_messages(s: ModelSpec, micro_batches: int):
     from deepspeed.runtime.pipe import p2p
 
     from hfpipe import to_pipeline
-    from hfpipe.data import micro_batches as split
-    from hfpipe.verify import make_batch
+    from hfpipe.core.batches import micro_batches as split
+    from hfpipe.core.batches import make_batch
 
     pipe = to_pipeline(s.build(), num_stages=2)
     batch = make_batch(s.hf_config(), pipe.head.name, 4, 12)
@@ -153,7 +153,7 @@ def test_one_message_per_boundary(dist_pool, model_type, head, carried):
 
 
 def test_boundary_pack_round_trip():
-    from hfpipe.layers import pack_boundary, unpack_boundary
+    from hfpipe.core.layers import pack_boundary, unpack_boundary
 
     adapter = prepare(tiny_config("opt"), transformers.OPTForCausalLM).adapter
     mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1]])
@@ -179,7 +179,7 @@ def test_boundary_pack_round_trip():
 def test_decoder_shell_passthrough(model_type, overrides, expected):
     """The decoder shell is skipped only where it returns the token embeddings unchanged (Gemma scales inside its
     embedding module in transformers 5); learned positions (GPT-2, OPT) or embedding dropout keep it running."""
-    from hfpipe.layers import BodyShell
+    from hfpipe.core.layers import BodyShell
 
     if model_type == "phi":
         config = transformers.PhiConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -240,7 +240,7 @@ def test_masks_and_rotary_built_once_per_micro_batch(dist_pool, model_type, mask
 
 def _clipped_sgd_losses(parts):
     from hfpipe import initialize, micro_batches, to_pipeline  # the README's API
-    from hfpipe.verify import make_batch
+    from hfpipe.core.batches import make_batch
 
     torch.manual_seed(0)
     config = tiny_config("llama", tie_word_embeddings=True)

@@ -201,9 +201,9 @@ def test_trainer_push_passes_the_card_from_rank_0_only(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
     import hfpipe.hub
-    from hfpipe.arguments import PipelineTrainingArguments
-    from hfpipe.config import resolve_ds_config
-    from hfpipe.trainer import PipelineTrainer
+    from hfpipe.training.arguments import PipelineTrainingArguments
+    from hfpipe.training.config import resolve_ds_config
+    from hfpipe.training.trainer import PipelineTrainer
 
     calls = []
     monkeypatch.setattr(hfpipe.hub, "push_to_hub", lambda folder, repo, **kw: calls.append((folder, repo, kw)) or "u")
@@ -232,9 +232,9 @@ def test_trainer_push_failure_is_reported_not_raised(hub, model_dir, monkeypatch
     failure is one stderr line and the exported folder stays."""
     from types import SimpleNamespace
 
-    from hfpipe.arguments import PipelineTrainingArguments
-    from hfpipe.config import resolve_ds_config
-    from hfpipe.trainer import PipelineTrainer
+    from hfpipe.training.arguments import PipelineTrainingArguments
+    from hfpipe.training.config import resolve_ds_config
+    from hfpipe.training.trainer import PipelineTrainer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     args = PipelineTrainingArguments(push_to_hub=True, hub_model_id="user/tiny")

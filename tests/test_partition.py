@@ -7,9 +7,9 @@ import random
 import pytest
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from hfpipe import partition as P
-from hfpipe.costs import layer_costs
-from hfpipe.pipeline import compute_parts, prepare
+from hfpipe.core import partition as P
+from hfpipe.core.costs import layer_costs
+from hfpipe.core.builder import compute_parts, prepare
 
 
 def brute_force(weights, p, cut_allowed, feasible=None):

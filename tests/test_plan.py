@@ -73,8 +73,8 @@ def test_plan_with_chunked_loss(llama_8b_dir, capsys):
 
 
 def test_plan_tiny_model_matches_to_pipeline_split(tmp_path):
-    from hfpipe.costs import layer_costs
-    from hfpipe.pipeline import compute_parts, prepare
+    from hfpipe.core.costs import layer_costs
+    from hfpipe.core.builder import compute_parts, prepare
     from transformers import AutoModelForCausalLM
 
     config = tiny_config("gpt2")

@@ -14,8 +14,7 @@ from hfpipe.tasks import default_model_path
 from hfpipe.tasks.base import DATA_DIR, apply_defaults
 from hfpipe.tasks.classification import ClassificationDataArguments, SequenceClassificationTask, find_columns
 from hfpipe.tasks.ner import NERDataArguments, TokenClassificationTask, align_labels, b_to_i_map, ner_metrics
-from hfpipe.tasks.qa import (QADataArguments, QuestionAnsweringTask, postprocess_qa_predictions,
-                             prepare_eval_features, prepare_train_features)
+from hfpipe.tasks.qa import QADataArguments, QuestionAnsweringTask, postprocess_qa_predictions, prepare_eval_features, prepare_train_features
 
 CTX = "one two three four five six seven eight nine ten eleven twelve"  # one token per word
 

@@ -14,8 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, EvalPrediction
 
 from hfpipe.tasks.causal_lm import CausalLMDataArguments, CausalLMTask
-from hfpipe.tasks.text2text import (Text2TextDataArguments, Text2TextTask, default_tokenizer, small_decoder_config,
-                                    synthetic_examples)
+from hfpipe.tasks.text2text import Text2TextDataArguments, Text2TextTask, default_tokenizer, small_decoder_config, synthetic_examples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,7 +123,7 @@ def test_summarization_recipe_reaches_rouge(tmp_path):
     through the pipeline. The untrained model scores ROUGE-1 = ROUGE-2 = 0.0 on these 50 examples (it never emits
     the summary words); after 60 steps it has the template "<name> bought <item> in <city> ." (ROUGE-1 45.2, ROUGE-2
     10.0 measured)."""
-    pytest.importorskip("hfpipe.trainer")
+    pytest.importorskip("hfpipe.training.trainer")
     out = tmp_path / "out"
     with socket.socket() as sock:  # the default port 29500 may be taken by another launch on this machine
         sock.bind(("127.0.0.1", 0))

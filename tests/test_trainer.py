@@ -167,7 +167,7 @@ def rank_best_model(out_dir: str):
 
 # -------------------------------------------------------------------------------------------------------- tests
 def _reference_logits(n):
-    from hfpipe.trainer import FixedLengthCollator
+    from hfpipe.training.trainer import FixedLengthCollator
 
     model = _cls_model()
     batch = FixedLengthCollator(SEQ)([dict(r) for r in _cls_data(n)])
@@ -266,7 +266,7 @@ def test_zero2_config_fails_before_any_process_group(tmp_path):
     import torch.distributed as dist
 
     from hfpipe import PipelineTrainer
-    from hfpipe.config import ConfigError
+    from hfpipe.training.config import ConfigError
 
     path = tmp_path / "z2.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 2}}))

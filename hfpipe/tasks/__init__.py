@@ -5,7 +5,7 @@ Encoder tasks: ``SequenceClassificationTask`` (classification.py), ``TokenClassi
 ``QuestionAnsweringTask`` (qa.py); decoder tasks: causal_lm.py, text2text.py. Imported lazily (transformers, datasets).
 """
 
-from .base import default_model_path, load_metric
+from hfpipe.tasks.base import default_model_path, load_metric
 
 _LAZY = {
     "SequenceClassificationTask": ".classification", "ClassificationDataArguments": ".classification",

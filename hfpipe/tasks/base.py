@@ -142,7 +142,7 @@ def recipe_arguments(data_args_class, name: str, defaults: dict, embedded_defaul
     ``defaults`` always, ``embedded_defaults`` too when the run uses the embedded data."""
     import sys
 
-    from ..arguments import PipelineTrainingArguments, parse_args
+    from hfpipe.training.arguments import PipelineTrainingArguments, parse_args
 
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
     model_args, data_args, args = parse_args((ModelArguments, data_args_class, PipelineTrainingArguments), argv)

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 from transformers import AutoModelForCausalLM
 
-from .text2text import DATA_DIR, encode_pair, pack_rows, pad_rows, split_template
+from hfpipe.tasks.text2text import DATA_DIR, encode_pair, pack_rows, pad_rows, split_template
 
 ALPACA_TEMPLATE = "### instruction :\n{instruction}\n### response :\n"
 #: The embedded default run (small Llama from scratch on the synthetic corpus, 2 CPU ranks): used only when no data

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 from transformers import AutoModelForSequenceClassification
 
-from .base import TaskDataArguments, load_metric, load_raw_splits
+from hfpipe.tasks.base import TaskDataArguments, load_metric, load_raw_splits
 
 PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question", "sentence"),
                 ("question1", "question2"), ("text_a", "text_b"))

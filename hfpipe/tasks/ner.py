@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 from transformers import AutoModelForTokenClassification
 
-from .base import TaskDataArguments, load_metric, load_raw_splits
+from hfpipe.tasks.base import TaskDataArguments, load_metric, load_raw_splits
 
 WORD_COLUMNS = ("tokens", "words")
 TAG_COLUMNS = ("ner_tags", "tags", "labels", "label")

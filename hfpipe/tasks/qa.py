@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 from transformers import AutoModelForQuestionAnswering
 
-from .base import TaskDataArguments, load_metric, load_raw_splits
+from hfpipe.tasks.base import TaskDataArguments, load_metric, load_raw_splits
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """One DeepSpeed config for a pipeline run, merged from four layers with one precedence rule.
 
 Layers, highest first: **explicit command-line arguments** > **Accelerate** (YAML / ``ACCELERATE_*`` variables,
-read by ``hfpipe.accelerate_bridge.accelerate_layer``) > **DeepSpeed JSON** (``--deepspeed file.json``) >
+read by ``hfpipe.training.accelerate.accelerate_layer``) > **DeepSpeed JSON** (``--deepspeed file.json``) >
 **defaults** (the ``PipelineTrainingArguments`` defaults). A value is *explicit* when it comes from one of the three
 upper layers; a JSON value ``"auto"`` is not explicit. Each setting takes the highest explicit value; when two
 explicit layers give *different* values for the same setting the run stops with an error that names both (as HF
@@ -17,10 +17,11 @@ conflicts, stage count vs. world size) before any process group is joined.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 from typing import Any, Mapping, Sequence
+
+from hfpipe.training.arguments import explicit_fields, parse_args
 
 DEFAULT = "default"
 AUTO = "auto"
@@ -46,33 +47,6 @@ FALLBACK_DEFAULTS = {"zero_stage": 0, "train_batch_size": None}
 
 class ConfigError(ValueError):
     """A setting hfpipe cannot run with; the message names the value, the source and the fix."""
-
-
-# ----------------------------------------------------------------------------------------------- explicit CLI
-def explicit_fields(args, argv: Sequence[str] | None = None) -> set[str]:
-    """Fields of ``args`` the user set: named in ``argv``; for arguments not parsed by
-    ``hfpipe.arguments.parse_args`` also every field whose value differs from the dataclass default. (Values a
-    recipe writes into parsed arguments afterwards are recipe defaults, not explicit.)"""
-    defaults = {}
-    for f in dataclasses.fields(args):
-        if f.default is not dataclasses.MISSING:
-            defaults[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            defaults[f.name] = f.default_factory()  # type: ignore[misc]
-    pre = getattr(args, "_explicit_fields", None)
-    if pre is not None:  # parsed by hfpipe.arguments.parse_args: exactly the flags that were typed
-        out = set(pre)
-    else:
-        out = {name for name, default in defaults.items() if getattr(args, name) != default}
-    if argv:
-        flags = set()
-        for tok in argv:
-            if tok.startswith("--"):
-                flags.add(tok[2:].split("=", 1)[0].replace("-", "_"))
-        for name in defaults:
-            if name in flags or f"no_{name}" in flags:
-                out.add(name)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------- the layers
@@ -130,7 +104,7 @@ def _json_layer(path: str | None) -> tuple[dict, dict, dict]:
 
 def _accelerate_layer(args, env: Mapping[str, str] | None) -> tuple[dict, dict]:
     try:
-        from .accelerate_bridge import accelerate_layer
+        from hfpipe.training.accelerate import accelerate_layer
     except ImportError:  # the bridge is optional: no Accelerate settings
         return {}, {}
     try:
@@ -325,8 +299,6 @@ def describe(argv: Sequence[str] = (), *, world_size: int | None = None,
     """What ``hfpipe ds-config`` prints: ``(ds_config, sources, world_size, where the world size came from)`` for the
     ``PipelineTrainingArguments`` flags in ``argv`` (the recipes' flags), the Accelerate layer and ``world_size``
     processes (default: Accelerate's ``num_processes``, else ``$WORLD_SIZE``, else one data-parallel replica)."""
-    from .arguments import parse_args
-
     env = os.environ if env is None else env
     (args,) = parse_args(argv=list(argv))
     acc = _accelerate_layer(args, env)

@@ -12,7 +12,7 @@ data-parallel replicas; to get HF's mean over the label tokens of the whole glob
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 
 import torch
 from torch import nn
@@ -20,26 +20,140 @@ from transformers.loss.loss_utils import (ForCausalLMLoss, ForSequenceClassifica
                                           fixed_cross_entropy)
 from transformers.models.auto import modeling_auto
 
-from .adapters.base import UnsupportedModelError, copy_without, materialize
-from .layers import PipeLayer
+from hfpipe.core.meta import UnsupportedModelError, copy_without, materialize
+from hfpipe.core.layers import LayerKind, LayerTraits, PipeLayer
 
 
-@dataclass(frozen=True)
 class HeadSpec:
-    name: str
+    """A task head kind: what the last stage takes as labels, how HF's loss is computed on the pipeline's outputs,
+    and what other modules need to know about it (``causal``, ``per_token_labels``, ...). One instance per kind
+    (:data:`CAUSAL_LM`, ...); other modules ask these attributes instead of comparing names."""
+
+    #: Name shown to users (``hfpipe families``, manifests, model cards).
+    name: str = ""
     #: Label tensors the last stage takes, in order (before the optional ``norm``).
-    label_names: tuple[str, ...]
+    label_names: tuple[str, ...] = ("labels",)
     #: Whether the stub body returns the base model's pooler output.
     uses_pooler: bool = False
     #: Whether the loss sums over items that vary per example (tokens): then ``norm`` is needed for HF's mean.
     token_level: bool = False
+    #: A causal language-model head: generation, the chunked loss and a tied LM head apply.
+    causal: bool = False
+    #: Labels hold one entry per token (padded with -100 by collators; the eval loss is a mean over label tokens).
+    per_token_labels: bool = False
+    #: Decoder families pool on the last non-pad *input id*, so the ids travel to the head.
+    pools_last_token: bool = False
+    #: The Hub's ``pipeline_tag`` for this task.
+    pipeline_tag: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<head {self.name}>"
+
+    def outputs(self, out):
+        """What the pipeline returns for an HF model output (the logits)."""
+        return out.logits
+
+    def loss(self, outputs, labels: tuple, norm, config):
+        """HF's loss for ``outputs`` and the label tensors; ``norm`` = items of the global batch per micro-batch."""
+        raise NotImplementedError
+
+    def count_items(self, labels: tuple, seq_len: int | None = None) -> torch.Tensor:
+        """Label items the loss averages over, for ``labels`` of the whole global batch."""
+        return torch.tensor(float(labels[0].shape[0]))
+
+    def random_labels(self, config, ids, mask, lengths, generator, padding: str) -> dict:
+        """Random labels for a padded batch ``ids``/``mask`` (``hfpipe.core.batches.make_batch``)."""
+        raise NotImplementedError
 
 
-CAUSAL_LM = HeadSpec("causal-lm", ("labels",), token_level=True)
-SEQUENCE_CLASSIFICATION = HeadSpec("sequence-classification", ("labels",), uses_pooler=True)
-TOKEN_CLASSIFICATION = HeadSpec("token-classification", ("labels",), token_level=True)
-QUESTION_ANSWERING = HeadSpec("question-answering", ("start_positions", "end_positions"), token_level=True)
+class CausalLMHead(HeadSpec):
+    name, token_level, causal, per_token_labels, pipeline_tag = "causal-lm", True, True, True, "text-generation"
+
+    def loss(self, outputs, labels, norm, config):
+        return ForCausalLMLoss(outputs, labels[0], vocab_size=outputs.shape[-1], num_items_in_batch=norm)
+
+    def count_items(self, labels, seq_len=None):
+        return (labels[0][..., 1:] != -100).sum().to(torch.float32)
+
+    def random_labels(self, config, ids, mask, lengths, generator, padding):
+        return {"labels": torch.where(mask.bool(), ids, torch.full_like(ids, -100))}
+
+
+class SequenceClassificationHead(HeadSpec):
+    name, uses_pooler, pools_last_token = "sequence-classification", True, True
+    pipeline_tag = "text-classification"
+
+    def loss(self, outputs, labels, norm, config):
+        return ForSequenceClassificationLoss(labels[0], outputs, config)
+
+    def random_labels(self, config, ids, mask, lengths, generator, padding):
+        if config.num_labels == 1:
+            return {"labels": torch.randn(ids.shape[0], generator=generator)}
+        return {"labels": torch.randint(0, config.num_labels, (ids.shape[0],), generator=generator)}
+
+
+class TokenClassificationHead(HeadSpec):
+    name, token_level, per_token_labels, pipeline_tag = "token-classification", True, True, "token-classification"
+
+    def loss(self, outputs, labels, norm, config):
+        return ForTokenClassification(outputs, labels[0], config, num_items_in_batch=norm)
+
+    def count_items(self, labels, seq_len=None):
+        return (labels[0] != -100).sum().to(torch.float32)
+
+    def random_labels(self, config, ids, mask, lengths, generator, padding):
+        labels = torch.randint(0, config.num_labels, ids.shape, generator=generator)
+        skip = torch.rand(ids.shape, generator=generator) < 0.2  # e.g. non-first sub-tokens
+        return {"labels": torch.where(mask.bool() & ~skip, labels, torch.full_like(labels, -100))}
+
+
+class QuestionAnsweringHead(HeadSpec):
+    name, label_names, token_level = "question-answering", ("start_positions", "end_positions"), True
+    pipeline_tag = "question-answering"
+
+    def outputs(self, out):
+        return (out.start_logits, out.end_logits)
+
+    def loss(self, outputs, labels, norm, config):
+        start_logits, end_logits = outputs
+        ignored = start_logits.size(1)
+        terms = []
+        for i, (logits, pos) in enumerate(((start_logits, labels[0]), (end_logits, labels[1]))):
+            pos = pos.reshape(-1).clamp(0, ignored)
+            terms.append(fixed_cross_entropy(logits, pos, num_items_in_batch=None if norm is None else norm[i],
+                                             ignore_index=ignored))
+        return (terms[0] + terms[1]) / 2
+
+    def count_items(self, labels, seq_len=None):
+        ignored = seq_len
+        return torch.stack([(p.reshape(-1).clamp(0, ignored) != ignored).sum() for p in labels]).to(torch.float32)
+
+    def random_labels(self, config, ids, mask, lengths, generator, padding):
+        seq_len = ids.shape[1]
+        starts = torch.tensor([int(torch.randint(0, n, (1,), generator=generator)) for n in lengths])
+        ends = torch.tensor([min(n - 1, int(s) + int(torch.randint(0, 3, (1,), generator=generator)))
+                             for s, n in zip(starts, lengths)])
+        if padding == "left":
+            starts = starts + torch.tensor([seq_len - n for n in lengths])
+            ends = ends + torch.tensor([seq_len - n for n in lengths])
+        return {"start_positions": starts, "end_positions": ends}
+
+
+CAUSAL_LM = CausalLMHead()
+SEQUENCE_CLASSIFICATION = SequenceClassificationHead()
+TOKEN_CLASSIFICATION = TokenClassificationHead()
+QUESTION_ANSWERING = QuestionAnsweringHead()
 HEADS = {h.name: h for h in (CAUSAL_LM, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, QUESTION_ANSWERING)}
+
+
+def head_named(head: "HeadSpec | str") -> HeadSpec:
+    """A head given as itself or by its name (``"causal-lm"``, ...)."""
+    if isinstance(head, HeadSpec):
+        return head
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; expected one of {sorted(HEADS)}.")
+    return HEADS[head]
+
 
 _MAPPINGS = (
     (CAUSAL_LM, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
@@ -119,7 +233,8 @@ def task_shell(adapter) -> nn.Module:
 class Head(PipeLayer):
     """The task head (untied): ``(hidden, pooled, attention_mask, position_ids[, input_ids]) -> logits``."""
 
-    kind = "head"
+    kind = LayerKind.HEAD
+    plan_label = "head"
 
     def __init__(self, builder, index: int):
         super().__init__(builder, index)
@@ -157,18 +272,18 @@ def run_head(shell: nn.Module, adapter, builder, inputs):
         kwargs["input_ids"] = rest[-1]
     else:  # the stub ignores it; HF's heads only read its shape
         kwargs["input_ids"] = attention_mask
-    out = shell(**kwargs)
-    if builder.head is QUESTION_ANSWERING:
-        return (out.start_logits, out.end_logits)
-    return out.logits
+    return builder.head.outputs(shell(**kwargs))
 
 
-class TiedLMHead:
+class TiedLMHead(LayerTraits):
     """``forward_fn`` of the LM head's ``TiedLayerSpec``: runs the task shell with the tied embedding's weight.
 
-    DeepSpeed builds the tied module (a :class:`hfpipe.layers.TokenEmbedding`) once per stage and sums the tied
+    DeepSpeed builds the tied module (a :class:`hfpipe.core.layers.TokenEmbedding`) once per stage and sums the tied
     weight's gradients across the stages that hold it, exactly as HF's shared parameter gets both gradients.
     """
+
+    kind = LayerKind.HEAD
+    plan_label = "head"
 
     def __init__(self, builder):
         self.builder = builder
@@ -189,7 +304,7 @@ class TiedLMHead:
             self.out = shell.get_submodule(out_path)
             self.shell = shell
         if defers_logits(self.builder):
-            return ChunkedLogits(inputs, lambda x: self._logits(embedding, x), self.builder.loss_chunk_tokens)
+            return ChunkedLogits(inputs, functools.partial(self._logits, embedding), self.builder.loss_chunk_tokens)
         return self._logits(embedding, inputs)
 
     def _logits(self, embedding, inputs):
@@ -259,33 +374,12 @@ class PipelineLoss:
             labels = (labels,)
         n = len(self.head.label_names)
         norm = labels[n] if len(labels) > n else None
-        labels = labels[:n]
-        head = self.head
+        labels = tuple(labels[:n])
         if isinstance(outputs, ChunkedLogits):
             return outputs.loss(labels[0], norm)
-        if head is CAUSAL_LM:
-            return ForCausalLMLoss(outputs, labels[0], vocab_size=outputs.shape[-1], num_items_in_batch=norm)
-        if head is TOKEN_CLASSIFICATION:
-            return ForTokenClassification(outputs, labels[0], self.config, num_items_in_batch=norm)
-        if head is SEQUENCE_CLASSIFICATION:
-            return ForSequenceClassificationLoss(labels[0], outputs, self.config)
-        start_logits, end_logits = outputs
-        ignored = start_logits.size(1)
-        terms = []
-        for i, (logits, pos) in enumerate(((start_logits, labels[0]), (end_logits, labels[1]))):
-            pos = pos.reshape(-1).clamp(0, ignored)
-            terms.append(fixed_cross_entropy(logits, pos, num_items_in_batch=None if norm is None else norm[i],
-                                             ignore_index=ignored))
-        return (terms[0] + terms[1]) / 2
+        return self.head.loss(outputs, labels, norm, self.config)
 
 
 def count_items(head: HeadSpec, labels: tuple[torch.Tensor, ...], seq_len: int | None = None) -> torch.Tensor:
     """Label items the loss averages over, for ``labels`` of the whole global batch (shape: [] or [2] for QA)."""
-    if head is CAUSAL_LM:
-        return (labels[0][..., 1:] != -100).sum().to(torch.float32)
-    if head is TOKEN_CLASSIFICATION:
-        return (labels[0] != -100).sum().to(torch.float32)
-    if head is QUESTION_ANSWERING:
-        ignored = seq_len
-        return torch.stack([(p.reshape(-1).clamp(0, ignored) != ignored).sum() for p in labels]).to(torch.float32)
-    return torch.tensor(float(labels[0].shape[0]))
+    return head.count_items(labels, seq_len)

@@ -6,8 +6,8 @@ as ``layer(hidden, attention_mask, **kwargs)``, so the description is only where
 
 from __future__ import annotations
 
-from .base import Adapter
-from .registry import register_adapter
+from hfpipe.core.adapters.base import Adapter
+from hfpipe.core.adapters.registry import register_adapter
 
 
 @register_adapter

@@ -30,9 +30,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .arguments import PipelineTrainingArguments
-from .callbacks import CallbackHandler, default_callbacks
-from .config import format_sources, resolve_ds_config
+from hfpipe.training.arguments import PipelineTrainingArguments
+from hfpipe.training.callbacks import CallbackHandler, default_callbacks
+from hfpipe.training.config import format_sources, resolve_ds_config
 
 SEQ_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 STATE_FILE = "trainer_state.json"
@@ -126,7 +126,7 @@ class PipelineTrainer:
             from deepspeed.accelerator import get_accelerator
 
             if not get_accelerator().is_fp16_supported():
-                from .config import ConfigError
+                from hfpipe.training.config import ConfigError
 
                 raise ConfigError(f"fp16 (from {self.config_sources.get('fp16')}) is not supported on the "
                                   f"{get_accelerator().device_name()} accelerator; use bf16 (ds_configs/"
@@ -148,7 +148,7 @@ class PipelineTrainer:
         self.num_micro_batches = self.ds_config["gradient_accumulation_steps"]
         self.global_batch_size = self.ds_config["train_batch_size"]
         head = self.pipe.head
-        token_labels = head.label_names if head.token_level and head.name != "question-answering" else ()
+        token_labels = head.label_names if head.per_token_labels else ()
         pad_id = getattr(self.pipe.config, "pad_token_id", None)
         self.data_collator = data_collator or FixedLengthCollator(args.max_seq_length, pad_id or 0, token_labels)
         self.steps_per_epoch = (len(train_dataset) // self.global_batch_size) if train_dataset is not None else 0
@@ -182,7 +182,7 @@ class PipelineTrainer:
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _build_pipe(self, model, model_class, pipe_cfg):
-        from .pipeline import to_pipeline
+        from hfpipe.pipeline import to_pipeline
 
         part = pipe_cfg["partition"]
         if isinstance(part, str) and part[:1].isdigit():
@@ -197,7 +197,7 @@ class PipelineTrainer:
     def _initialize_engine(self):
         from transformers import get_scheduler
 
-        from .pipeline import initialize
+        from hfpipe.pipeline import initialize
 
         args = self.args
         total = max(self.max_steps, 1)
@@ -252,7 +252,7 @@ class PipelineTrainer:
         return order[b * self.global_batch_size:(b + 1) * self.global_batch_size]
 
     def _train_micro_batches(self, step: int):
-        from .data import micro_batches
+        from hfpipe.core.batches import micro_batches
 
         if not self._needs_data:
             return None, 0
@@ -449,7 +449,7 @@ class PipelineTrainer:
                 got = [i for i, _ in pairs]
                 if got != list(range(n)):
                     raise RuntimeError(f"evaluation gathered {len(got)} predictions for {n} examples (duplicates or "
-                                       "gaps); this is a bug in hfpipe.trainer.")
+                                       "gaps); this is a bug in hfpipe.training.trainer.")
                 preds = _stack([p for _, p in pairs])
                 label_ids = self._label_ids(dataset) if has_labels else None
                 metrics = {}
@@ -473,12 +473,10 @@ class PipelineTrainer:
         """(loss sum, item count) of one micro-batch: token-level heads sum over label tokens (the eval loss is the
         mean over every label token of the eval set, as HF's over one batch holding it all); example-level heads
         (classification, QA) weight the micro-batch mean by its examples."""
-        from .heads import CAUSAL_LM, TOKEN_CLASSIFICATION, count_items
-
         head = self.pipe.head
-        if head in (CAUSAL_LM, TOKEN_CLASSIFICATION):
+        if head.per_token_labels:
             total = float(self.pipe.loss_fn(outputs, labels + (torch.tensor(1.0),)).float())
-            return total, float(count_items(head, labels))
+            return total, float(head.count_items(labels))
         n = labels[0].shape[0]
         return float(self.pipe.loss_fn(outputs, labels).float()) * n, float(n)
 
@@ -531,7 +529,7 @@ class PipelineTrainer:
         path = os.path.join(args.output_dir, f"checkpoint-{step}")
         self.engine.save_checkpoint(path, client_state={"hfpipe_global_step": step})
         if self.rank == 0:  # what `hfpipe export` / to_pipeline(path) need to read the layer files back
-            from .checkpoint import write_manifest
+            from hfpipe.checkpoint import write_manifest
 
             pipe = self.pipe
             write_manifest(path, pipe.hfpipe_builder, pipe.layer_infos, parts=pipe.parts,
@@ -635,7 +633,7 @@ class PipelineTrainer:
         dist.barrier()
         if checkpoint is not None:
             if self.rank == 0:
-                from .checkpoint import export
+                from hfpipe.checkpoint import export
 
                 export(checkpoint, output_dir, overwrite=True, progress=not self.args.disable_tqdm)
                 if self.processing_class is not None:
@@ -677,7 +675,7 @@ class PipelineTrainer:
         the next collective) and the exported folder is intact for a later ``hfpipe push``."""
         if self.rank != 0:
             return None
-        from .hub import PushError, hyperparameters, push_to_hub
+        from hfpipe.hub import PushError, hyperparameters, push_to_hub
 
         hp = hyperparameters(self.ds_config, self.args)
         hp["world_size"] = self.world_size

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter
-from .registry import register_adapter
+from hfpipe.core.adapters.base import Adapter
+from hfpipe.core.adapters.registry import register_adapter
 
 
 @register_adapter

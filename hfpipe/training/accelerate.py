@@ -1,4 +1,4 @@
-"""The Accelerate layer of ``hfpipe.config``: an Accelerate config (YAML) and the ``ACCELERATE_*`` variables that
+"""The Accelerate layer of ``hfpipe.training.config``: an Accelerate config (YAML) and the ``ACCELERATE_*`` variables that
 ``accelerate launch`` passes, turned into hfpipe settings.
 
 Accelerate refuses pipeline parallelism, but its launcher starts ranks (``RANK``/``WORLD_SIZE``) like any other, and

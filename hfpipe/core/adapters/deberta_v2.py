@@ -13,9 +13,9 @@ from __future__ import annotations
 from deepspeed.pipe import TiedLayerSpec
 from torch import nn
 
-from ..layers import Block, PipeLayer, _prefixed
-from .base import Adapter, UnsupportedModelError
-from .registry import register_adapter
+from hfpipe.core.layers import Block, LayerKind, PipeLayer, _prefixed
+from hfpipe.core.adapters.base import Adapter, UnsupportedModelError
+from hfpipe.core.adapters.registry import register_adapter
 
 REL_KEY = "deberta_rel"
 
@@ -23,7 +23,7 @@ REL_KEY = "deberta_rel"
 class RelativeEmbedding(PipeLayer):
     """``encoder.rel_embeddings`` (+ ``encoder.LayerNorm``): appends the normalised table to the tuple."""
 
-    kind = "embedding"
+    kind = LayerKind.PRELUDE
 
     def __init__(self, builder, index: int):
         super().__init__(builder, index)
@@ -50,7 +50,10 @@ class RelativeEmbedding(PipeLayer):
 
 
 class DebertaBlock(Block):
-    """One ``DebertaV2Layer`` fed with the shared relative table; block 0 also owns the encoder's ``conv``."""
+    """One ``DebertaV2Layer`` fed with the shared relative table; block 0 also owns the encoder's ``conv``. A block
+    like any other (checkpointable, named ``Block`` in manifests and ``type:`` partitioning)."""
+
+    layer_name = "Block"
 
     def __init__(self, builder, index: int, block_index: int):
         super().__init__(builder, index, block_index)
@@ -127,7 +130,7 @@ class DebertaV2Adapter(Adapter):
             params += sum(p.numel() for p in enc.LayerNorm.parameters())
         spec = TiedLayerSpec(REL_KEY, RelativeEmbedding, builder, index,
                              tied_weight_attr=[n for n, _ in _meta_rel_params(enc)])
-        return spec, "RelativeEmbedding", params if block_index == 0 else 0
+        return spec, RelativeEmbedding, params if block_index == 0 else 0
 
 
 def _meta_rel_params(enc):

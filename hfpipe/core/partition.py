@@ -81,7 +81,7 @@ def balanced(costs: Sequence[float], num_stages: int, cut_allowed: Sequence[bool
     """The ``balanced`` method: the contiguous split minimising the slowest stage's cost (exact, see
     :func:`min_max_partition`), optionally with every stage's ``memory(stage, start, stop)`` <= ``memory_cap``.
 
-    ``costs`` is per-layer work (``hfpipe.costs``: forward+backward FLOPs, or measured seconds)."""
+    ``costs`` is per-layer work (``hfpipe.core.costs``: forward+backward FLOPs, or measured seconds)."""
     if any(c < 0 for c in costs):
         raise PartitionError(f"layer costs must be >= 0; got {min(costs)}.")
     feasible = None

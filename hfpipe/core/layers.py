@@ -8,15 +8,20 @@ gradient and no bool tensor ever crosses a stage. Across a stage boundary the tu
 recomputed by the receiving stage -- DeepSpeed sends every tensor of a tuple as its own blocking message.
 
 Each layer knows its HF names (``hf_names()``: local parameter/buffer name -> HF state-dict key), which is the one
-table that loading, gradient comparison, checkpoint conversion and export share.
+table that loading, gradient comparison, checkpoint conversion and export share. What other modules need to know
+about a layer -- its kind, whether activation checkpointing may wrap it, how a plan names it -- is a class attribute
+(:class:`LayerTraits`), so nothing outside a layer class compares class names.
 """
 
 from __future__ import annotations
 
+import enum
+from typing import ClassVar
+
 import torch
 from torch import nn
 
-from .adapters.base import materialize
+from hfpipe.core.meta import copy_without, materialize
 
 
 def _prefixed(module: nn.Module, local_prefix: str, hf_prefix: str) -> dict[str, str]:
@@ -50,11 +55,42 @@ def unpack_boundary(adapter, received: torch.Tensor | tuple) -> tuple:
     return (hidden, attention_mask, adapter.position_ids(attention_mask, attention_mask), *rest)
 
 
-class PipeLayer(nn.Module):
-    """Base: subclasses build their HF submodules from the builder's meta model in ``__init__``."""
+class LayerKind(enum.Enum):
+    """What a pipeline layer is, for the cost model, plans and manifests (``LayerKind.BLOCK.value == "block"``)."""
 
-    #: Layer kind, used by cost models and ``type:`` partitioning.
-    kind = "layer"
+    EMBEDDING = "embedding"
+    PRELUDE = "prelude"  # a per-block helper layer in front of its block (DeBERTa's shared relative table)
+    BLOCK = "block"
+    FINAL = "final"
+    HEAD = "head"
+
+
+class LayerTraits:
+    """What other modules ask about a layer, as class attributes of the layer (never its class name)."""
+
+    kind: ClassVar[LayerKind]
+    #: The layer's name in manifests, plans and ``type:<regex>`` partitioning (default: the class name).
+    layer_name: ClassVar[str] = ""
+    #: DeepSpeed activation checkpointing may wrap it (blocks; never the embedding, whose gradient it would cut).
+    checkpointable: ClassVar[bool] = False
+    #: ``"whole"`` block, or its ``"attention"`` / ``"mlp"`` half.
+    part: ClassVar[str] = "whole"
+    #: ``balanced:blocks`` may start a stage here (not between the two halves of a block).
+    starts_block: ClassVar[bool] = True
+    #: Block children this layer computes (``None``: all of them) and whether attention is among them (costs).
+    owned_children: ClassVar[tuple[str, ...] | None] = None
+    has_attention: ClassVar[bool] = False
+    #: How ``hfpipe plan`` lists it (``None``: with its block, ``B3``; halves as ``B3.attn`` / ``B3.mlp``).
+    plan_label: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "layer_name" not in cls.__dict__:
+            cls.layer_name = cls.__name__
+
+
+class PipeLayer(LayerTraits, nn.Module):
+    """Base: subclasses build their HF submodules from the builder's meta model in ``__init__``."""
 
     def __init__(self, builder, index: int):
         super().__init__()
@@ -81,7 +117,8 @@ class TokenEmbedding(PipeLayer):
     *extra_inputs[, input_ids])``.
     """
 
-    kind = "embedding"
+    kind = LayerKind.EMBEDDING
+    plan_label = "embed"
 
     def __init__(self, builder, index: int):
         super().__init__(builder, index)
@@ -110,7 +147,8 @@ class BodyShell(PipeLayer):
     holds the embeddings itself.
     """
 
-    kind = "embedding"
+    kind = LayerKind.EMBEDDING
+    plan_label = "embed"
 
     def __init__(self, builder, index: int):
         super().__init__(builder, index)
@@ -164,7 +202,9 @@ class BodyShell(PipeLayer):
 class Block(PipeLayer):
     """One HF block (``layer``) plus per-stage helpers without parameters (``aux``: rotary embeddings)."""
 
-    kind = "block"
+    kind = LayerKind.BLOCK
+    checkpointable = True
+    has_attention = True
 
     def __init__(self, builder, index: int, block_index: int):
         super().__init__(builder, index)
@@ -195,7 +235,8 @@ class Final(PipeLayer):
     stage as the head, so the extra float never crosses a boundary.
     """
 
-    kind = "final"
+    kind = LayerKind.FINAL
+    plan_label = "norm"
 
     def __init__(self, builder, index: int):
         super().__init__(builder, index)
@@ -229,7 +270,8 @@ class Final(PipeLayer):
 
 
 # ------------------------------------------------------------------------------------------------- half-blocks
-#: The two halves of a standard pre-norm block ``h += attn(norm1(h)); h += mlp(norm2(h))``: the children each owns.
+#: The two halves of a standard pre-norm block ``h += attn(norm1(h)); h += mlp(norm2(h))``: the children each owns
+#: (the ``owned_children`` of :class:`AttentionHalfBlock` and :class:`MLPHalfBlock`).
 HALF_BLOCK_CHILDREN = {"attention": ("input_layernorm", "self_attn"), "mlp": ("post_attention_layernorm", "mlp")}
 
 
@@ -248,8 +290,6 @@ class _ZeroBranch(nn.Module):
 
 def half_module(layer: nn.Module, part: str) -> nn.Module:
     """A copy of block ``layer`` that computes only its ``part`` ("attention" | "mlp") half."""
-    from .adapters.base import copy_without
-
     other = "mlp" if part == "attention" else "attention"
     norm, branch = HALF_BLOCK_CHILDREN[other]
     return copy_without(layer, {norm: nn.Identity(), branch: _ZeroBranch(other == "attention")})
@@ -325,8 +365,8 @@ class HalfBlock(PipeLayer):
     halves, so a stage boundary may fall inside a block. Parameters keep their HF names
     (``model.layers.{i}.self_attn.q_proj.weight``, ...)."""
 
-    kind = "block"
-    part = ""
+    kind = LayerKind.BLOCK
+    checkpointable = True
 
     def __init__(self, builder, index: int, block_index: int):
         super().__init__(builder, index)
@@ -343,7 +383,9 @@ class HalfBlock(PipeLayer):
 class AttentionHalfBlock(HalfBlock):
     """``h + self_attn(input_layernorm(h))`` (with the block's mask and rotary embeddings, as the family computes)."""
 
-    part = "attention"
+    part, plan_label = "attention", "attn"
+    owned_children = HALF_BLOCK_CHILDREN["attention"]
+    has_attention = True
 
     def __init__(self, builder, index: int, block_index: int):
         super().__init__(builder, index, block_index)
@@ -362,7 +404,9 @@ class AttentionHalfBlock(HalfBlock):
 class MLPHalfBlock(HalfBlock):
     """``h + mlp(post_attention_layernorm(h))``."""
 
-    part = "mlp"
+    part, plan_label = "mlp", "mlp"
+    owned_children = HALF_BLOCK_CHILDREN["mlp"]
+    starts_block = False
 
     def forward(self, inputs):
         hidden, *rest = inputs

@@ -1,7 +1,7 @@
 """Up-front checks of a DeepSpeed config for a pipeline, before any process group is joined.
 
 DeepSpeed discovers some incompatibilities late (ZeRO-2/3 with a pipeline fails deep inside the engine) or not at
-all; these checks say the value, what was expected and the fix. Independent of ``hfpipe.config`` so that
+all; these checks say the value, what was expected and the fix. Independent of ``hfpipe.training.config`` so that
 ``hfpipe.initialize`` and the trainer can both call it.
 """
 

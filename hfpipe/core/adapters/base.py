@@ -3,68 +3,23 @@
 An adapter says *where* the parts of a family's base model live (token embedding, blocks, final norm, pooler) and
 *how* one block is called (which mask, which positions). It never re-implements the family's maths: the embedding
 stage runs the family's own base-model ``forward`` with its blocks removed, each block is the family's own layer
-module, and the task head (``hfpipe.heads``) runs the task model's own ``forward`` on a stub body. So one small
+module, and the task head (``hfpipe.core.heads``) runs the task model's own ``forward`` on a stub body. So one small
 description per family is enough, and families whose transformers config declares ``base_model_pp_plan`` need none
-(``hfpipe.adapters.pp_plan``).
+(``hfpipe.core.adapters.pp_plan``).
 
-Every module here is first built on the meta device (free), then only the pieces a rank owns are materialised:
-``to_empty`` + weights from a source + the family's ``_init_weights`` for whatever the source did not provide
-(non-persistent buffers such as rotary ``inv_freq`` included) -- the same path HF's own loading takes.
+Every module here is first built on the meta device (free); ``hfpipe.core.meta`` materialises what a rank owns.
 """
 
 from __future__ import annotations
 
-import copy
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 from torch import nn
 
 from transformers import masking_utils
 
-#: What crosses a stage boundary, in order. ``hidden_states`` is the only float tensor; the others are int64.
-#: ``input_ids`` rides along only when the head needs it (decoder sequence classification pools on the last
-#: non-pad token, exactly like HF).
-BOUNDARY = ("hidden_states", "attention_mask", "position_ids")
-
-
-class UnsupportedModelError(ValueError):
-    """The model (family, head or configuration) cannot be turned into a pipeline."""
-
-
-def get_submodule(root: nn.Module, path: str) -> nn.Module:
-    return root.get_submodule(path) if path else root
-
-
-def set_submodule(root: nn.Module, path: str, value: nn.Module | None) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = get_submodule(root, parent_path)
-    setattr(parent, name, value)
-
-
-def shallow_copy(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` whose child dict can be edited without touching the original (children shared)."""
-    clone = copy.copy(module)
-    clone._modules = dict(module._modules)
-    clone._parameters = dict(module._parameters)
-    clone._buffers = dict(module._buffers)
-    return clone
-
-
-def copy_without(root: nn.Module, replace: Mapping[str, nn.Module | None]) -> nn.Module:
-    """Deep-copy ``root`` with the submodules at ``replace``'s paths swapped out *before* copying, so large parts
-    (e.g. all blocks) are never copied. Works on meta modules, where this costs only Python objects."""
-    clone = shallow_copy(root)
-    for path, value in replace.items():
-        parts = path.split(".")
-        node = clone
-        for part in parts[:-1]:  # copy-on-write down the path
-            child = shallow_copy(node._modules[part])
-            node._modules[part] = child
-            node = child
-        node._modules[parts[-1]] = value
-    return copy.deepcopy(clone)
-
+from hfpipe.core.meta import UnsupportedModelError, copy_without, get_submodule
 
 class Adapter:
     """Describes one family's body. Subclasses set the class attributes; the registry instantiates one per model.
@@ -90,12 +45,12 @@ class Adapter:
     #: Inputs the first stage takes besides ``input_ids`` and ``attention_mask``.
     extra_input_names: tuple[str, ...] = ()
 
-    #: Layer class for one block (``None``: :class:`hfpipe.layers.Block`).
+    #: Layer class for one block (``None``: :class:`hfpipe.core.layers.Block`).
     block_class: type | None = None
 
     def block_prelude(self, builder, block_index: int, index: int):
         """An extra layer in front of block ``block_index`` (e.g. DeBERTa's shared relative table), as
-        ``(spec, name, num_params)``, or ``None``. A stage never starts between it and its block."""
+        ``(spec, layer class, num_params)``, or ``None``. A stage never starts between it and its block."""
         return None
 
     def __init__(self, config, model_class: type, meta_model: nn.Module):
@@ -150,7 +105,7 @@ class Adapter:
             if kind not in builders:
                 raise UnsupportedModelError(
                     f"block {index} has layer type {kind!r}; hfpipe supports {sorted(builders)}. Register a custom "
-                    "adapter for this family (see hfpipe.adapters.register_adapter)."
+                    "adapter for this family (see hfpipe.core.adapters.register_adapter)."
                 )
             return builders[kind]
         if getattr(self.config, "sliding_window", None) is not None and getattr(self.config, "use_sliding_window", True):
@@ -230,62 +185,3 @@ class Adapter:
     # ------------------------------------------------------------------------------------------------- naming
     def hf_prefix(self, path: str) -> str:
         return f"{self.base_prefix}.{path}." if path else f"{self.base_prefix}."
-
-
-def materialize(module: nn.Module, init_owner: nn.Module, source=None, hf_names: Mapping[str, str] | None = None,
-                seed: int | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """Turn a meta ``module`` into a real one on ``device``.
-
-    Parameters and persistent buffers named in ``hf_names`` (local name -> HF name) are read from ``source`` (an
-    object with ``get(hf_name) -> Tensor | None``); everything else -- non-persistent buffers included -- is
-    initialised by the family's ``_init_weights`` (``init_owner`` is the meta task model), under ``seed`` so that a
-    layer's random init does not depend on which rank builds it.
-    """
-    dtype = getattr(source, "dtype", None)
-    if dtype is not None:  # allocate in the dtype the weights arrive in (free on meta; no fp32 copy of a bf16 model)
-        module = module.to(dtype=dtype)
-    module = module.to_empty(device=device)
-    if torch.device(device).type == "meta":  # names and shapes only (checkpoint tables): nothing to load or init
-        return module
-    loaded = set()
-    if source is not None and hf_names:
-        state = dict(module.named_parameters())
-        state.update(dict(module.named_buffers()))
-        with torch.no_grad():
-            for local, hf_name in hf_names.items():
-                tensor = source.get(hf_name)
-                if tensor is None:
-                    continue
-                target = state[local]
-                if tuple(tensor.shape) != tuple(target.shape):
-                    raise ValueError(
-                        f"weight {hf_name!r} has shape {tuple(tensor.shape)} in the source but the model config gives "
-                        f"{tuple(target.shape)}; the checkpoint does not match this config."
-                    )
-                if tensor.dtype != target.dtype:
-                    target.data = torch.empty_like(target, dtype=tensor.dtype)
-                target.data.copy_(tensor)
-                target._is_hf_initialized = True
-                loaded.add(local)
-    names = {id(t): n for n, t in list(module.named_parameters()) + list(module.named_buffers())}
-    fork = torch.random.fork_rng(devices=[]) if seed is not None else _nullcontext()
-    with fork, torch.no_grad():
-        if seed is not None:
-            torch.manual_seed(seed)
-        for sub in module.modules():
-            own = list(sub.parameters(recurse=False)) + [b for b in sub.buffers(recurse=False) if b is not None]
-            if own and all(names.get(id(t)) in loaded for t in own):
-                continue
-            init_owner._init_weights(sub)
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        if hasattr(tensor, "_is_hf_initialized"):
-            del tensor._is_hf_initialized
-    return module
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .base import Adapter, UnsupportedModelError
-from .pp_plan import VERIFIED_FAMILIES, PPPlanAdapter
+from hfpipe.core.adapters.base import Adapter, UnsupportedModelError
+from hfpipe.core.adapters.pp_plan import VERIFIED_FAMILIES, PPPlanAdapter
 
 _REGISTRY: dict[str, type[Adapter]] = {}
 
@@ -34,6 +34,6 @@ def get_adapter(config, model_class: type, meta_model) -> Adapter:
     raise UnsupportedModelError(
         f"model_type {model_type!r} is not supported: it has no hfpipe adapter and its transformers config declares no "
         f"base_model_pp_plan. Supported: {', '.join(supported_families())}, and any family with a "
-        "base_model_pp_plan. To add one, subclass hfpipe.adapters.Adapter (set layers_path, embed_path, final_paths, "
-        "...) and decorate it with @hfpipe.adapters.register_adapter."
+        "base_model_pp_plan. To add one, subclass hfpipe.core.adapters.Adapter (set layers_path, embed_path, final_paths, "
+        "...) and decorate it with @hfpipe.core.adapters.register_adapter."
     )

@@ -18,7 +18,7 @@ import warnings
 
 from torch import nn
 
-from .base import Adapter, UnsupportedModelError
+from hfpipe.core.adapters.base import Adapter, UnsupportedModelError
 
 #: Families whose pipeline matches HF exactly in our tests (loss and every gradient, p = 1, 2, 4).
 VERIFIED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt_neox", "phi3", "olmo2",
@@ -38,7 +38,7 @@ class PPPlanAdapter(Adapter):
         if len(layers) != 1:
             raise UnsupportedModelError(
                 f"base_model_pp_plan of {config.model_type} has {len(layers)} block lists ({layers}); the automatic "
-                "adapter needs exactly one. Register a custom adapter (hfpipe.adapters.register_adapter)."
+                "adapter needs exactly one. Register a custom adapter (hfpipe.core.adapters.register_adapter)."
             )
         self.layers_path = layers[0]
         self.embed_path = names[0]

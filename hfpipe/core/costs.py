@@ -27,7 +27,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+import torch
+from deepspeed.pipe import TiedLayerSpec
 from torch import nn
+
+from hfpipe.core.batches import make_batch, micro_batches
+from hfpipe.core.heads import PipelineLoss, TiedLMHead, task_shell
+from hfpipe.core.layers import LayerKind, TokenEmbedding
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ATTENTION_KERNELS = ("flash", "dense")
@@ -42,7 +48,7 @@ LOSS_FLOPS_PER_LOGIT = 6
 class LayerCost:
     index: int
     name: str
-    kind: str
+    kind: LayerKind
     part: str
     block: int | None
     params: int  # parameters resident with this layer (a tied LM head counts its copy of the embedding)
@@ -52,7 +58,7 @@ class LayerCost:
     checkpoint_bytes: float  # kept per micro-batch with activation checkpointing
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "kind": self.kind.value}
 
 
 @dataclass
@@ -151,7 +157,7 @@ def _attention_dims(config) -> tuple[int, int]:
 
 # -------------------------------------------------------------------------------------------------- per layer
 def layer_costs(builder, workload: Workload | None = None, **workload_kwargs) -> list[LayerCost]:
-    """Cost of every layer of ``builder.layers()`` (``hfpipe.pipeline.prepare(model_or_config, model_class)``)."""
+    """Cost of every layer of ``builder.layers()`` (``hfpipe.core.builder.prepare(model_or_config, model_class)``)."""
     w = workload or Workload(**workload_kwargs)
     a, config = builder.adapter, builder.adapter.config
     hidden = int(config.hidden_size)
@@ -167,15 +173,12 @@ def layer_costs(builder, workload: Workload | None = None, **workload_kwargs) ->
         params = info.num_params
         act_elems = ckpt_elems = 0.0
         bwd_factor, recompute = 2.0, 0.0
-        if info.kind == "block":
+        layer = info.layer
+        if layer.kind is LayerKind.BLOCK:
             block = blocks[info.block]
-            if info.part == "whole":
-                subtree, has_attn = block, True
-            else:
-                from .layers import HALF_BLOCK_CHILDREN
-
-                subtree = nn.ModuleList([getattr(block, c) for c in HALF_BLOCK_CHILDREN[info.part]])
-                has_attn = info.part == "attention"
+            children = layer.owned_children
+            subtree = block if children is None else nn.ModuleList([getattr(block, c) for c in children])
+            has_attn = layer.has_attention
             matmul, out, norms = _module_work(subtree, config)
             fwd = T * (matmul + ELEMENTWISE_FLOPS * out + NORM_FLOPS * norms * hidden + hidden)
             act_elems = T * (hidden + out + norms * hidden)
@@ -186,18 +189,18 @@ def layer_costs(builder, workload: Workload | None = None, **workload_kwargs) ->
                     act_elems += T * heads * w.seq_len  # the attention probabilities
             ckpt_elems = T * hidden
             recompute = 1.0 if w.activation_checkpointing else 0.0
-        elif info.kind == "prelude":  # a shared per-block table (DeBERTa's relative positions): norm over its rows
+        elif layer.kind is LayerKind.PRELUDE:  # a shared per-block table (DeBERTa's relative positions): norm over its rows
             fwd = float(info.num_params) * NORM_FLOPS
             act_elems = ckpt_elems = float(info.num_params)
-        elif info.name == "TokenEmbedding":
+        elif issubclass(layer, TokenEmbedding):
             fwd, bwd_factor = T * hidden, 1.0  # a gather; backward is a scatter-add into the table
             act_elems = ckpt_elems = T * 4  # the int64 ids (in units of the activation dtype: close enough)
-        elif info.kind == "embedding":  # BodyShell: positions, scaling, embedding norm/dropout (encoders: tables)
+        elif layer.kind is LayerKind.EMBEDDING:  # BodyShell: positions, scaling, embedding norm/dropout (encoders: tables)
             shell = a.body_shell()
             matmul, out, norms = _module_work(shell, config)
             fwd = T * (matmul + ELEMENTWISE_FLOPS * (out + 2 * hidden) + NORM_FLOPS * norms * hidden)
             act_elems = ckpt_elems = T * hidden * (1 + norms)
-        elif info.kind == "final":
+        elif layer.kind is LayerKind.FINAL:
             modules = nn.ModuleList([m for _, m in a.final_modules()])
             matmul, out, norms = _module_work(modules, config)
             fwd = T * (matmul + ELEMENTWISE_FLOPS * out + NORM_FLOPS * norms * hidden)
@@ -206,21 +209,19 @@ def layer_costs(builder, workload: Workload | None = None, **workload_kwargs) ->
                 fwd += w.micro_batch_size * _module_work(pooler, config)[0]
             act_elems = ckpt_elems = T * hidden * (1 + norms)
         else:  # head
-            if info.name == "TiedLMHead":
+            if issubclass(layer, TiedLMHead):
                 matmul, out = 2.0 * embed.weight.numel(), float(embed.weight.shape[0])
                 params = embed.weight.numel()
             else:
-                from .heads import task_shell
-
                 matmul, out, _ = _module_work(task_shell(a), config)
             rows = T
             if builder.head.uses_pooler and not a.causal:  # encoder classification: one pooled vector per example
                 rows = float(w.micro_batch_size)
             fwd = rows * (matmul + ELEMENTWISE_FLOPS * out)
-            if builder.head.name == "causal-lm":
+            if builder.head.causal:
                 fwd += T * LOSS_FLOPS_PER_LOGIT * vocab
                 if builder.loss_chunk_tokens is not None:
-                    # hfpipe.heads.ChunkedLogits: only the hidden states stay (added below); each chunk's logits
+                    # hfpipe.core.heads.ChunkedLogits: only the hidden states stay (added below); each chunk's logits
                     # are transient and the head runs again in backward
                     recompute = 1.0
                 else:  # logits in the compute dtype, their fp32 copy for the loss and its gradient
@@ -230,16 +231,9 @@ def layer_costs(builder, workload: Workload | None = None, **workload_kwargs) ->
             act_elems += T * hidden
             ckpt_elems += T * hidden
         flops = fwd * (1.0 + bwd_factor + recompute)
-        costs.append(LayerCost(index, info.name, info.kind, info.part, info.block, int(params), fwd, flops,
+        costs.append(LayerCost(index, info.name, layer.kind, layer.part, info.block, int(params), fwd, flops,
                                act_elems * act_b, ckpt_elems * act_b))
     return costs
-
-
-def estimate(model, model_class=None, workload: Workload | None = None, **workload_kwargs) -> list[LayerCost]:
-    """``layer_costs`` for an HF model, a config (+ ``model_class``) or a config-only folder; builds on meta only."""
-    from .pipeline import prepare
-
-    return layer_costs(prepare(model, model_class), workload, **workload_kwargs)
 
 
 # ------------------------------------------------------------------------------------------------- per stage
@@ -277,12 +271,12 @@ def stage_memory(costs: Sequence[LayerCost], start: int, stop: int, stage: int, 
     act = 0.0
     transient = 0.0
     for c in layers:
-        if c.kind == "head":  # computed and consumed by its backward right away on the last stage
+        if c.kind is LayerKind.HEAD:  # computed and consumed by its backward right away on the last stage
             transient += c.activation_bytes
         else:
-            act += c.checkpoint_bytes if (activation_checkpointing and c.kind == "block") else c.activation_bytes
+            act += c.checkpoint_bytes if (activation_checkpointing and c.kind is LayerKind.BLOCK) else c.activation_bytes
     if activation_checkpointing:  # one block's full activations while it is recomputed
-        transient += max((c.activation_bytes for c in layers if c.kind == "block"), default=0.0)
+        transient += max((c.activation_bytes for c in layers if c.kind is LayerKind.BLOCK), default=0.0)
     out = {k: params * v for k, v in per.items()}
     out["activations"] = held * act + transient
     out["total"] = sum(out.values())
@@ -307,13 +301,6 @@ def profile_layers(builder, seq_len: int, micro_batch_size: int = 1, repeats: in
     import time
     from types import SimpleNamespace
 
-    import torch
-    from deepspeed.pipe import TiedLayerSpec
-
-    from .data import micro_batches
-    from .heads import PipelineLoss
-    from .verify import make_batch
-
     cuda = str(builder.device).startswith("cuda")
 
     def clock():
@@ -336,10 +323,10 @@ def profile_layers(builder, seq_len: int, micro_batch_size: int = 1, repeats: in
         module.train()
         calls.append((fn, module))
     config = builder.adapter.config
-    batch = make_batch(config, builder.head.name, micro_batch_size, seq_len)
+    batch = make_batch(config, builder.head, micro_batch_size, seq_len)
     batch["attention_mask"] = torch.ones_like(batch["attention_mask"])  # full sequences, as in training
     if "labels" in batch and batch["labels"].dim() == 2:
-        batch["labels"] = batch["input_ids"].clone() if builder.head.name == "causal-lm" else batch["labels"]
+        batch["labels"] = batch["input_ids"].clone() if builder.head.causal else batch["labels"]
     fake_pipe = SimpleNamespace(head=builder.head, input_names=builder.adapter.input_names)
     inputs, labels = micro_batches(batch, fake_pipe, 1)[0]
     inputs = tuple(t.to(builder.device) for t in inputs)

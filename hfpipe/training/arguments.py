@@ -4,11 +4,12 @@ Names follow HF ``TrainingArguments`` so that flags users know keep their meanin
 ``--num_stages``, ``--partition_method`` and ``--activation_checkpoint_interval``. Defaults run on a CPU machine.
 ``per_device_train_batch_size`` is DeepSpeed's micro-batch and ``gradient_accumulation_steps`` the number of
 micro-batches per optimizer step (the pipeline's schedule length). How these merge with an Accelerate config and a
-DeepSpeed JSON is in ``hfpipe.config``.
+DeepSpeed JSON is in ``hfpipe.training.config``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -121,12 +122,10 @@ class PipelineTrainingArguments:
 def parse_args(dataclass_types: Sequence[type] = (PipelineTrainingArguments,), argv: Sequence[str] | None = None):
     """``HfArgumentParser(dataclass_types).parse_args_into_dataclasses(argv)``, remembering which
     ``PipelineTrainingArguments`` fields were named on the command line (they count as explicit even when equal to
-    their default; see ``hfpipe.config``)."""
+    their default; see ``hfpipe.training.config``)."""
     import sys
 
     from transformers import HfArgumentParser
-
-    from .config import explicit_fields
 
     argv = list(sys.argv[1:] if argv is None else argv)
     out = HfArgumentParser(list(dataclass_types)).parse_args_into_dataclasses(args=argv)
@@ -134,4 +133,30 @@ def parse_args(dataclass_types: Sequence[type] = (PipelineTrainingArguments,), a
         if isinstance(obj, PipelineTrainingArguments):
             obj._explicit_fields = set()
             obj._explicit_fields = explicit_fields(obj, argv)
+    return out
+
+
+def explicit_fields(args, argv: Sequence[str] | None = None) -> set[str]:
+    """Fields of ``args`` the user set: named in ``argv``; for arguments not parsed by
+    :func:`parse_args` also every field whose value differs from the dataclass default. (Values a
+    recipe writes into parsed arguments afterwards are recipe defaults, not explicit.)"""
+    defaults = {}
+    for f in dataclasses.fields(args):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            defaults[f.name] = f.default_factory()  # type: ignore[misc]
+    pre = getattr(args, "_explicit_fields", None)
+    if pre is not None:  # parsed by hfpipe.training.arguments.parse_args: exactly the flags that were typed
+        out = set(pre)
+    else:
+        out = {name for name, default in defaults.items() if getattr(args, name) != default}
+    if argv:
+        flags = set()
+        for tok in argv:
+            if tok.startswith("--"):
+                flags.add(tok[2:].split("=", 1)[0].replace("-", "_"))
+        for name in defaults:
+            if name in flags or f"no_{name}" in flags:
+                out.add(name)
     return out
