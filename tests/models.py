@@ -35,6 +35,36 @@ ENCODERS = {
 
 FAMILIES = {**DECODERS, **ENCODERS}
 
+#: families verified through the automatic base_model_pp_plan adapter beyond DECODERS (causal LM, 2 stages)
+MORE_DECODERS = {
+    "qwen3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=64),
+    "gemma2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=6,
+                   final_logit_softcapping=5.0, attn_logit_softcapping=10.0),
+    "phi3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64),
+    "olmo2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64),
+    "starcoder2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=64, sliding_window=6),
+    "mixtral": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2),
+}
+
+#: families handled by an adapter of another family: model_type -> the family whose tiny config fits
+ALIASES = {"xlm-roberta": "roberta", "camembert": "roberta"}
+
+
+def family_config(model_type: str, **overrides):
+    """A tiny config for any entry of ``hfpipe families``."""
+    from transformers import AutoConfig
+
+    kwargs = dict(COMMON)
+    kwargs.update({**FAMILIES, **MORE_DECODERS}[ALIASES.get(model_type, model_type)])
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
+
 
 def tiny_config(model_type: str, **overrides):
     kwargs = dict(COMMON)

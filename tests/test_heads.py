@@ -15,7 +15,7 @@ from hfpipe.core.heads import head_for_class
 from hfpipe.core.builder import compute_parts, prepare
 from hfpipe.verify import ModelSpec, compare, format_report, verify
 
-from models import hf_sgd_losses, tiny_config
+from models import MORE_DECODERS as MORE_FAMILIES, hf_sgd_losses, tiny_config
 
 HEAD_CLASSES = {"sequence-classification": transformers.AutoModelForSequenceClassification,
                 "token-classification": transformers.AutoModelForTokenClassification,
@@ -347,21 +347,6 @@ def test_verify_bf16(dist_pool, tmp_path):
     assert report["passed"], format_report(report)
 
 
-MORE_FAMILIES = {
-    "qwen3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=8, max_position_embeddings=64),
-    "gemma2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=6,
-                   final_logit_softcapping=5.0, attn_logit_softcapping=10.0),
-    "phi3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=64),
-    "olmo2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64),
-    "starcoder2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=64, sliding_window=6),
-    "mixtral": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2),
-}
 
 
 @pytest.mark.parametrize("model_type", sorted(MORE_FAMILIES))
