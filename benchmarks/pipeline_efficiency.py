@@ -110,8 +110,10 @@ def _build(variant: str, num_stages: int, num_micro_batches: int, t_forward: flo
     if cost == "fixed":
         harness.fix_stage_cost(pipe, t_forward, t_backward)
     elif cost == "sleep":
+        from hfpipe.core.layers import LayerKind
+
         first_block = next(m for m in pipe.forward_funcs
-                           if isinstance(m, block_type) and getattr(m, "kind", "block") == "block")
+                           if isinstance(m, block_type) and getattr(m, "kind", LayerKind.BLOCK) is LayerKind.BLOCK)
         harness.inject_sleep(first_block, t_forward, t_backward)
     else:
         raise ValueError(f"cost={cost!r}; expected one of {COSTS}.")

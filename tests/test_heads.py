@@ -319,6 +319,7 @@ def test_manual_partition_errors():
 
 
 # -------------------------------------------------------------------------------------------------- verify CLI
+@pytest.mark.launches
 def test_verify_cli_json(tmp_path):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama"))

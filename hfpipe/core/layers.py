@@ -212,12 +212,17 @@ class Block(PipeLayer):
         self.block_index = block_index
         self._prefix = a.hf_prefix(f"{a.layers_path}.{block_index}")
         meta_layer = a.meta_base.get_submodule(a.layers_path)[block_index]
-        self.layer = self._materialize(builder.meta_copy(meta_layer), "", self._prefix)
-        self.aux = nn.Module()
-        for path in a.aux_paths:
-            meta_aux = a.meta_base.get_submodule(path)
-            setattr(self.aux, path.replace(".", "_"),
-                    materialize(builder.meta_copy(meta_aux), builder.init_owner, device=builder.device))
+        self.layer = self._materialize(self._own_part(meta_layer), "", self._prefix)
+        if self.has_attention:
+            self.aux = nn.Module()
+            for path in a.aux_paths:
+                meta_aux = a.meta_base.get_submodule(path)
+                setattr(self.aux, path.replace(".", "_"),
+                        materialize(builder.meta_copy(meta_aux), builder.init_owner, device=builder.device))
+
+    def _own_part(self, meta_layer: nn.Module) -> nn.Module:
+        """The (meta) module this layer computes: the whole block."""
+        return self.builder.meta_copy(meta_layer)
 
     def hf_names(self):
         return _prefixed(self.layer, "layer.", self._prefix)
@@ -360,24 +365,13 @@ def supports_half_blocks(adapter) -> bool:
         return False
 
 
-class HalfBlock(PipeLayer):
+class HalfBlock(Block):
     """One half of a pre-norm block (``part`` = "attention" or "mlp"): only the hidden state crosses between the two
     halves, so a stage boundary may fall inside a block. Parameters keep their HF names
     (``model.layers.{i}.self_attn.q_proj.weight``, ...)."""
 
-    kind = LayerKind.BLOCK
-    checkpointable = True
-
-    def __init__(self, builder, index: int, block_index: int):
-        super().__init__(builder, index)
-        a = self.adapter
-        self.block_index = block_index
-        self._prefix = a.hf_prefix(f"{a.layers_path}.{block_index}")
-        meta_layer = a.meta_base.get_submodule(a.layers_path)[block_index]
-        self.layer = self._materialize(half_module(meta_layer, self.part), "", self._prefix)
-
-    def hf_names(self):
-        return _prefixed(self.layer, "layer.", self._prefix)
+    def _own_part(self, meta_layer: nn.Module) -> nn.Module:
+        return half_module(meta_layer, self.part)
 
 
 class AttentionHalfBlock(HalfBlock):
@@ -385,20 +379,6 @@ class AttentionHalfBlock(HalfBlock):
 
     part, plan_label = "attention", "attn"
     owned_children = HALF_BLOCK_CHILDREN["attention"]
-    has_attention = True
-
-    def __init__(self, builder, index: int, block_index: int):
-        super().__init__(builder, index, block_index)
-        self.aux = nn.Module()
-        for path in self.adapter.aux_paths:
-            meta_aux = self.adapter.meta_base.get_submodule(path)
-            setattr(self.aux, path.replace(".", "_"),
-                    materialize(builder.meta_copy(meta_aux), builder.init_owner, device=builder.device))
-
-    def forward(self, inputs):
-        hidden, attention_mask, position_ids, *rest = inputs
-        hidden = self.adapter.call_block(self, self.block_index, hidden, attention_mask, position_ids)
-        return (hidden, attention_mask, position_ids, *rest)
 
 
 class MLPHalfBlock(HalfBlock):
@@ -407,6 +387,7 @@ class MLPHalfBlock(HalfBlock):
     part, plan_label = "mlp", "mlp"
     owned_children = HALF_BLOCK_CHILDREN["mlp"]
     starts_block = False
+    has_attention = False
 
     def forward(self, inputs):
         hidden, *rest = inputs
