@@ -1,32 +1,126 @@
-"""Up-front checks of a DeepSpeed config for a pipeline, before any process group is joined.
+"""The DeepSpeed-config rules of a pipeline run, each written once, checked before any process group is joined.
 
 DeepSpeed discovers some incompatibilities late (ZeRO-2/3 with a pipeline fails deep inside the engine) or not at
-all; these checks say the value, what was expected and the fix. Independent of ``hfpipe.training.config`` so that
-``hfpipe.initialize`` and the trainer can both call it.
+all. Every place that holds DeepSpeed settings -- the merged trainer config (``hfpipe.training.config``), the
+Accelerate layer (``hfpipe.training.accelerate``), ``hfpipe.initialize`` with a hand-written dict -- checks them with
+the functions here, so each rule and its message exist once: one function per rule, raising one :class:`ConfigError`
+that names the value, where it came from (``source``, when the caller knows) and the fix.
+:func:`validate_pipeline_ds_config` applies them all to a finished DeepSpeed dict.
 """
 
 from __future__ import annotations
 
+from typing import Mapping
+
+OFFLOAD_SECTIONS = ("offload_optimizer", "offload_param")
+
+
+class ConfigError(ValueError):
+    """A setting hfpipe cannot run with; the message names the value, the source and the fix."""
+
+
+def _at(source: str | None) -> str:
+    return f" ({source})" if source else ""
+
+
+def check_zero_stage(stage, *, key: str = "zero_optimization.stage", source: str | None = None,
+                     fix: str = 'set "zero_optimization": {"stage": 1} (or 0)') -> int:
+    """ZeRO stage 0 or 1 only: stage 2 shards gradients and 3 parameters over the data-parallel ranks, which a
+    ``PipelineEngine`` does not support. Returns the stage as an int."""
+    stage = int(stage or 0)
+    if stage >= 2:
+        shards = "gradients" if stage == 2 else "gradients and parameters"
+        raise ConfigError(f"{key}={stage}{_at(source)}: ZeRO stage {stage} shards {shards} over the data-parallel "
+                          "ranks, which cannot be combined with pipeline parallelism: DeepSpeed's PipelineEngine "
+                          f"supports ZeRO stage 0 or 1 only; {fix}.")
+    return stage
+
+
+def check_no_offload(key: str, device, *, source: str | None = None, fix: str = "remove the offload section") -> None:
+    """No optimizer or parameter offload (``device`` None or ``"none"``)."""
+    if device is not None and str(device).lower() != "none":
+        raise ConfigError(f"{key}={device!r}{_at(source)}: offloading is not supported with pipeline parallelism; "
+                          f"{fix}.")
+
+
+def check_one_precision(bf16: bool, fp16: bool, *, bf16_source: str = "bf16.enabled in the DeepSpeed config",
+                        fp16_source: str = "fp16.enabled in the DeepSpeed config",
+                        fix: str = "set the other \"enabled\" to false") -> None:
+    """At most one of bf16 and fp16."""
+    if bf16 and fp16:
+        raise ConfigError(f"bf16 ({bf16_source}) and fp16 ({fp16_source}) are both enabled; enable at most one "
+                          f"precision ({fix}).")
+
+
+def check_stages_divide(num_stages, world_size: int, *, stages_source: str | None = None,
+                        world_source: str | None = None) -> int:
+    """Every pipeline needs all its stages: ``num_stages`` >= 1 divides the world size (launched processes, or
+    Accelerate's ``num_processes`` when ``world_source`` says where that came from). Returns the data-parallel size."""
+    stages = int(num_stages)
+    if stages < 1:
+        raise ConfigError(f"num_stages={stages}{_at(stages_source)}: expected a positive number of pipeline stages; "
+                          "set num_stages to 1 or more.")
+    if world_size % stages:
+        if world_source:
+            what = (f"num_processes={world_size} ({world_source}) is not divisible by num_stages={stages}"
+                    f"{_at(stages_source)}")
+            fix = f"set num_processes to a multiple of {stages}"
+        else:
+            what = f"num_stages={stages}{_at(stages_source)} does not divide the {world_size} processes"
+            fix = f"launch a multiple of {stages} processes"
+        raise ConfigError(f"{what}; every pipeline needs all its stages (the rest is data parallelism): {fix}, or a "
+                          f"num_stages that divides {world_size}.")
+    return world_size // stages
+
+
+def check_batch_sizes(train_batch_size, micro_batch_size, accumulation_steps, dp: int, *,
+                      sources: Mapping[str, str] | None = None, world_size: int | None = None) -> int:
+    """train batch = micro batch x gradient accumulation steps x data-parallel replicas (``train_batch_size`` None:
+    derived). ``sources`` (keys ``train_batch_size``, ``micro_batch_size``, ``gradient_accumulation_steps``) says
+    where each value came from. Returns the train batch size."""
+    micro, accum = int(micro_batch_size), int(accumulation_steps)
+    if micro < 1 or accum < 1:
+        raise ConfigError(f"micro batch size {micro} and gradient_accumulation_steps {accum}: expected both >= 1; "
+                          "set them to 1 or more.")
+    total = micro * accum * dp
+    if train_batch_size is not None and int(train_batch_size) != total:
+        def at(key):
+            return _at(f"from {sources[key]}" if sources and key in sources else None)
+
+        where = f" (= {world_size} processes / {world_size // dp} stages)" if world_size else ""
+        raise ConfigError(
+            f"train_batch_size={train_batch_size}{at('train_batch_size')} != the batch the other settings give "
+            f"(= {total}): micro batch {micro}{at('micro_batch_size')} x gradient_accumulation_steps {accum}"
+            f"{at('gradient_accumulation_steps')} x data-parallel replicas {dp}{where} = {total}; set "
+            f"train_batch_size to {total} (or leave it out / \"auto\"), or change the micro batch or accumulation.")
+    return total
+
 
 def validate_pipeline_ds_config(config: dict, num_stages: int, world_size: int) -> None:
-    """Raise ``ValueError`` when ``config`` cannot drive a pipeline of ``num_stages`` stages on ``world_size`` ranks."""
-    if num_stages < 1 or world_size % num_stages:
-        raise ValueError(f"world size {world_size} is not a multiple of num_stages={num_stages}; launch a multiple "
-                         f"of {num_stages} processes (the rest is data parallelism).")
-    dp = world_size // num_stages
-    stage = int((config.get("zero_optimization") or {}).get("stage", 0) or 0)
-    if stage >= 2:
-        raise ValueError(f"zero_optimization.stage={stage} is incompatible with pipeline parallelism (DeepSpeed "
-                         "partitions gradients/parameters across data-parallel ranks, which the pipeline engine does "
-                         "not support); use stage 0 or 1.")
-    fp16 = bool((config.get("fp16") or {}).get("enabled", False))
-    bf16 = bool((config.get("bf16") or {}).get("enabled", False))
-    if fp16 and bf16:
-        raise ValueError("both fp16.enabled and bf16.enabled are true in the DeepSpeed config; enable at most one.")
+    """Raise :class:`ConfigError` (a ``ValueError``) when the DeepSpeed dict ``config`` cannot drive a pipeline of
+    ``num_stages`` stages on ``world_size`` ranks."""
+    dp = check_stages_divide(num_stages, world_size)
+    zero = config.get("zero_optimization") or {}
+    check_zero_stage(zero.get("stage", 0))
+    for section in OFFLOAD_SECTIONS:
+        check_no_offload(f"zero_optimization.{section}.device", (zero.get(section) or {}).get("device"))
+    check_one_precision(bool((config.get("bf16") or {}).get("enabled", False)),
+                        bool((config.get("fp16") or {}).get("enabled", False)))
     train = config.get("train_batch_size")
     micro = config.get("train_micro_batch_size_per_gpu")
     accum = config.get("gradient_accumulation_steps")
-    if None not in (train, micro, accum) and train != micro * accum * dp:
-        raise ValueError(f"train_batch_size={train} != train_micro_batch_size_per_gpu={micro} x "
-                         f"gradient_accumulation_steps={accum} x data-parallel size {dp} (= {micro * accum * dp}); "
-                         "set train_batch_size to that product or adjust the other two.")
+    if None not in (train, micro, accum):
+        check_batch_sizes(train, micro, accum, dp, world_size=world_size)
+
+
+def check_fp16_supported(fp16: bool, *, source: str | None = None) -> None:
+    """fp16 needs an accelerator that supports it (DeepSpeed's CPU accelerator does not)."""
+    if not fp16:
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if not acc.is_fp16_supported():
+        raise ConfigError(f"fp16{_at(f'from {source}' if source else None)} is not supported on the "
+                          f"{acc.device_name()} accelerator; use bf16 (ds_configs/bf16_zero1.json or --bf16) or fp32 "
+                          "here, fp16 on GPUs.")

@@ -5,16 +5,19 @@ Accelerate refuses pipeline parallelism, but its launcher starts ranks (``RANK``
 its config is where users keep precision, ZeRO stage and accumulation. ``accelerate launch --config_file cfg.yaml``
 passes the config as environment variables (names and values as ``accelerate.utils.launch.prepare_deepspeed_cmd_env``
 writes them); ``--accelerate_config cfg.yaml`` reads the YAML itself. Both describe one config, so when both are
-present they must agree. Only DeepSpeed settings a ``PipelineEngine`` honours pass (ZeRO 0/1, no offload); the rest is
-refused here with the Accelerate key to change. The pipeline section (``num_stages``, ``partition_method``,
-``activation_checkpoint_interval``) may live under ``deepspeed_config.pipeline`` in the YAML (Accelerate rejects
-unknown top-level keys); ``accelerate launch`` does not pass it on, so that section needs ``--accelerate_config`` too.
+present they must agree. Only DeepSpeed settings a ``PipelineEngine`` honours pass (ZeRO 0/1, no offload: the rules
+of ``hfpipe.core.dsconfig``); the rest is refused here with the Accelerate key to change. The pipeline section
+(``num_stages``, ``partition_method``, ``activation_checkpoint_interval``) may live under ``deepspeed_config.pipeline``
+in the YAML (Accelerate rejects unknown top-level keys); ``accelerate launch`` does not pass it on, so that section
+needs ``--accelerate_config`` too.
 """
 
 from __future__ import annotations
 
 import os
 from typing import Any, Mapping
+
+from hfpipe.core.dsconfig import check_no_offload, check_zero_stage
 
 PIPELINE_KEYS = ("num_stages", "partition_method", "activation_checkpoint_interval")
 REFUSED_TYPES = {"FSDP": "FSDP shards every layer on every rank", "MEGATRON_LM": "Megatron-LM is its own engine",
@@ -67,14 +70,11 @@ def _precision(value, where: str) -> dict:
 
 
 def _check_deepspeed(zero, off_opt, off_param, zero3_init, where: dict) -> None:
-    if zero is not None and int(zero) >= 2:
-        raise ValueError(f"zero_stage={zero} ({where['zero_stage']}): DeepSpeed's PipelineEngine supports ZeRO stage "
-                         "0 or 1 only; set zero_stage: 1 (or 0) in the Accelerate config (`accelerate launch "
-                         "--zero_stage 1`).")
+    """The ``hfpipe.core.dsconfig`` rules (ZeRO 0/1, no offload), with the Accelerate key to change."""
+    check_zero_stage(zero, key="zero_stage", source=where["zero_stage"],
+                     fix="set zero_stage: 1 (or 0) in the Accelerate config (`accelerate launch --zero_stage 1`)")
     for key, dev in (("offload_optimizer_device", off_opt), ("offload_param_device", off_param)):
-        if dev is not None and str(dev).lower() != "none":
-            raise ValueError(f"{key}={dev!r} ({where[key]}): offloading is not supported with pipeline parallelism; "
-                             f"set {key}: none.")
+        check_no_offload(key, dev, source=where[key], fix=f"set {key}: none")
     if zero3_init is not None and str(zero3_init).lower() in _TRUE:
         raise ValueError(f"zero3_init_flag=true ({where['zero3_init_flag']}) is a ZeRO-3 setting; pipelines use ZeRO "
                          "0/1: set zero3_init_flag: false.")

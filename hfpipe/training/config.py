@@ -10,8 +10,9 @@ Trainer does for ``--deepspeed``): silently preferring one would train something
 
 "Explicit command-line argument" means a flag the user typed: a field named in ``argv`` (``--name``, ``--name=v``,
 ``--name-with-dashes``, ``--no_name``), or, for arguments built in Python, a field whose value differs from the
-dataclass default. The merged config is validated (ZeRO 2/3, offload, batch sizes that do not multiply out, precision
-conflicts, stage count vs. world size) before any process group is joined.
+dataclass default. The merged config is validated before any process group is joined, with the rules of
+``hfpipe.core.dsconfig`` (ZeRO 2/3, offload, batch sizes that do not multiply out, two precisions, stage count vs. world
+size), each value named with its source.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ import json
 import os
 from typing import Any, Mapping, Sequence
 
+from hfpipe.core.dsconfig import (OFFLOAD_SECTIONS, ConfigError, check_batch_sizes, check_no_offload,
+                                   check_one_precision, check_stages_divide, check_zero_stage)
 from hfpipe.training.arguments import explicit_fields, parse_args
+
+__all__ = ["ConfigError", "describe", "explicit_fields", "format_sources", "resolve_ds_config"]
 
 DEFAULT = "default"
 AUTO = "auto"
@@ -43,10 +48,6 @@ CLI_FIELDS = {
     "activation_checkpoint_interval": "activation_checkpoint_interval",
 }
 FALLBACK_DEFAULTS = {"zero_stage": 0, "train_batch_size": None}
-
-
-class ConfigError(ValueError):
-    """A setting hfpipe cannot run with; the message names the value, the source and the fix."""
 
 
 # ------------------------------------------------------------------------------------------------- the layers
@@ -78,7 +79,7 @@ def _json_layer(path: str | None) -> tuple[dict, dict, dict]:
     put("gradient_clipping", raw.get("gradient_clipping"))
     zero = raw.get("zero_optimization") or {}
     put("zero_stage", zero.get("stage"))
-    for k in ("offload_optimizer", "offload_param"):
+    for k in OFFLOAD_SECTIONS:
         dev = (zero.get(k) or {}).get("device")
         if dev not in (None, "none"):
             put(k, dev)
@@ -188,11 +189,9 @@ def resolve_ds_config(args, world_size: int | None, *, argv: Sequence[str] | Non
         elif key in FALLBACK_DEFAULTS:
             settings[key], sources[key] = FALLBACK_DEFAULTS[key], DEFAULT
     _check_precision(settings, sources, layers)
-    if procs is not None and int(procs) % int(settings["num_stages"]):
-        raise ConfigError(f"num_processes={procs} (from {procs_src}) is not divisible by num_stages="
-                          f"{settings['num_stages']} (from {sources['num_stages']}); every pipeline needs all its "
-                          f"stages: set num_processes to a multiple of {settings['num_stages']}, or a num_stages that "
-                          f"divides {procs}.")
+    if procs is not None:
+        check_stages_divide(settings["num_stages"], int(procs), stages_source=f"from {sources['num_stages']}",
+                            world_source=f"from {procs_src}")
     if world_size is None:
         world_size = int(settings["num_stages"])
     ds = _build(settings, sources, raw, world_size)
@@ -214,39 +213,21 @@ def _check_precision(settings: dict, sources: dict, layers) -> None:
                     (("bf16", src2["bf16"]), ("fp16", src["fp16"]))
                 raise ConfigError(f"{first[0]} from {first[1]} disagrees with {second[0]} from {second[1]}; "
                                   "choose one precision in one place.")
-    if settings.get("bf16") and settings.get("fp16"):
-        raise ConfigError(f"bf16 (from {sources['bf16']}) and fp16 (from {sources['fp16']}) are both enabled; "
-                          "choose one precision (--bf16 or --fp16, or the matching \"enabled\" in the JSON).")
+    check_one_precision(settings.get("bf16"), settings.get("fp16"), bf16_source=f"from {sources.get('bf16')}",
+                        fp16_source=f"from {sources.get('fp16')}",
+                        fix='--bf16 or --fp16, or the matching "enabled" in the JSON')
 
 
 def _build(s: dict, sources: dict, raw: dict, world_size: int) -> dict:
-    zero = int(s.get("zero_stage") or 0)
-    if zero >= 2:
-        raise ConfigError(f"ZeRO stage {zero} (from {sources['zero_stage']}) cannot be combined with pipeline "
-                          "parallelism: DeepSpeed's PipelineEngine supports ZeRO stage 0 or 1 only. Set "
-                          "\"zero_optimization\": {\"stage\": 1} (or 0).")
-    for k in ("offload_optimizer", "offload_param"):
+    zero = check_zero_stage(s.get("zero_stage"), key="zero_stage", source=f"from {sources['zero_stage']}")
+    for k in OFFLOAD_SECTIONS:
         if k in s:
-            raise ConfigError(f"zero_optimization.{k}.device={s[k]!r} (from {sources[k]}) is not supported with "
-                              "pipeline parallelism; remove the offload section.")
+            check_no_offload(f"zero_optimization.{k}.device", s[k], source=f"from {sources[k]}")
     stages = int(s["num_stages"])
-    if stages < 1:
-        raise ConfigError(f"num_stages={stages} must be >= 1.")
-    if world_size % stages:
-        raise ConfigError(f"num_stages={stages} ({sources['num_stages']}) does not divide the {world_size} processes; "
-                          f"launch a multiple of {stages} processes (the rest is data parallelism).")
-    dp = world_size // stages
+    dp = check_stages_divide(stages, world_size, stages_source=f"from {sources['num_stages']}")
     micro, gas = int(s["micro_batch_size"]), int(s["gradient_accumulation_steps"])
-    if micro < 1 or gas < 1:
-        raise ConfigError(f"micro batch size {micro} and gradient_accumulation_steps {gas} must both be >= 1.")
-    total = micro * gas * dp
     tbs = s.get("train_batch_size")
-    if tbs is not None and int(tbs) != total:
-        raise ConfigError(
-            f"train_batch_size={tbs} (from {sources['train_batch_size']}) != micro batch {micro} "
-            f"({sources['micro_batch_size']}) x gradient_accumulation_steps {gas} "
-            f"({sources['gradient_accumulation_steps']}) x data-parallel replicas {dp} (= {world_size} processes / "
-            f"{stages} stages) = {total}; set train_batch_size to {total} or \"auto\".")
+    total = check_batch_sizes(tbs, micro, gas, dp, sources=sources, world_size=world_size)
     sources["train_batch_size"] = sources.get("train_batch_size") if tbs is not None else "derived"
     ds = {k: copy.deepcopy(v) for k, v in raw.items() if k not in ("bf16", "fp16", "zero_optimization", "optimizer",
                                                                      "pipeline", "data_types")}
