@@ -8,34 +8,17 @@ only), optional packing, perplexity in evaluation.
 
 No pretrained decoder is available offline, so without --model_name_or_path the recipe trains a 4-block Llama
 (hidden 128) from its config with the project's word-level tokenizer (hfpipe/data/text2text). Encoding and perplexity
-are in ``hfpipe.tasks.causal_lm``.
+are in ``hfpipe.tasks.causal_lm``, the default model in ``hfpipe.tasks.decoder``.
 """
 
-from transformers import AutoTokenizer
-
-from hfpipe import PipelineTrainer
-from hfpipe.tasks.base import recipe_arguments, save_metrics
+from hfpipe.tasks.base import run_recipe
 from hfpipe.tasks.causal_lm import RECIPE_DEFAULTS, CausalLMDataArguments, CausalLMTask
-from hfpipe.tasks.text2text import default_tokenizer, small_decoder_config
+from hfpipe.tasks.decoder import build_decoder
 
 
 def main() -> dict:
-    model_args, data_args, args = recipe_arguments(CausalLMDataArguments, "finetune_causal_lm", {}, RECIPE_DEFAULTS)
-    task = CausalLMTask(data_args)
-    if model_args.model_name_or_path is None:
-        tokenizer = default_tokenizer()
-        model = small_decoder_config(tokenizer)  # trained from its config
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
-        model = model_args.model_name_or_path
-    train_ds, eval_ds = task.prepare(tokenizer, task.load_raw(), args.max_seq_length)
-    trainer = PipelineTrainer(model, args, train_dataset=train_ds, eval_dataset=eval_ds,
-                              compute_metrics=task.compute_metrics(eval_ds), processing_class=tokenizer,
-                              model_class=task.auto_class)
-    trainer.train()
-    metrics = trainer.evaluate()
-    save_metrics(metrics, args.output_dir)
-    return metrics
+    return run_recipe(CausalLMTask, CausalLMDataArguments, "finetune_causal_lm", embedded_defaults=RECIPE_DEFAULTS,
+                      build=build_decoder)
 
 
 if __name__ == "__main__":

@@ -11,28 +11,15 @@ pipeline, scored with accuracy and F1 (MSE/Pearson/Spearman for regression).
 Column detection, label mapping and metrics are in ``hfpipe.tasks.classification``.
 """
 
-from hfpipe import PipelineTrainer
-from hfpipe.tasks.base import build_model, recipe_arguments, save_metrics
+from hfpipe.tasks.base import ENCODER_EMBEDDED_DEFAULTS, run_recipe
 from hfpipe.tasks.classification import ClassificationDataArguments, SequenceClassificationTask
 
-EMBEDDED_DEFAULTS = dict(max_seq_length=32, learning_rate=5e-5, num_train_epochs=1.0, per_device_train_batch_size=8,
-                         gradient_accumulation_steps=2, per_device_eval_batch_size=25, warmup_ratio=0.1,
-                         logging_steps=10, save_strategy="no", report_to=[])
+EMBEDDED_DEFAULTS = {**ENCODER_EMBEDDED_DEFAULTS, "learning_rate": 5e-5, "num_train_epochs": 1.0}
 
 
 def main() -> dict:
-    model_args, data_args, args = recipe_arguments(ClassificationDataArguments, "finetune_classification",
-                                                   {"max_seq_length": 128}, EMBEDDED_DEFAULTS)
-    task = SequenceClassificationTask(data_args)
-    raw = task.load_raw()
-    model, tokenizer = build_model(task, raw, model_args, args.seed)
-    train_ds, eval_ds = task.prepare(tokenizer, raw, args.max_seq_length)
-    trainer = PipelineTrainer(model, args, train_dataset=train_ds, eval_dataset=eval_ds,
-                              compute_metrics=task.compute_metrics(eval_ds), processing_class=tokenizer)
-    trainer.train()  # exports output_dir/final unless --export_final_model false
-    metrics = trainer.evaluate()
-    save_metrics(metrics, args.output_dir)
-    return metrics
+    return run_recipe(SequenceClassificationTask, ClassificationDataArguments, "finetune_classification",
+                      defaults={"max_seq_length": 128}, embedded_defaults=EMBEDDED_DEFAULTS)
 
 
 if __name__ == "__main__":

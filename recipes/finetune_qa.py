@@ -9,29 +9,17 @@
 Windows over long contexts, n-best post-processing and the metric are in ``hfpipe.tasks.qa``.
 """
 
-from hfpipe import PipelineTrainer
-from hfpipe.tasks.base import build_model, recipe_arguments, save_metrics
+from hfpipe.tasks.base import ENCODER_EMBEDDED_DEFAULTS, run_recipe
 from hfpipe.tasks.qa import QADataArguments, QuestionAnsweringTask
 
 # the embedded default: short contexts (< 60 tokens), a few minutes on 2 CPU ranks
-EMBEDDED_DEFAULTS = dict(max_seq_length=64, doc_stride=16, learning_rate=3e-4, num_train_epochs=3.0,
-                         per_device_train_batch_size=8, gradient_accumulation_steps=2, per_device_eval_batch_size=16,
-                         warmup_ratio=0.1, logging_steps=10, save_strategy="no", report_to=[])
+EMBEDDED_DEFAULTS = {**ENCODER_EMBEDDED_DEFAULTS, "max_seq_length": 64, "doc_stride": 16, "learning_rate": 3e-4,
+                     "num_train_epochs": 3.0, "per_device_eval_batch_size": 16}
 
 
 def main() -> dict:
-    model_args, data_args, args = recipe_arguments(QADataArguments, "finetune_qa", {"max_seq_length": 384},
-                                                   EMBEDDED_DEFAULTS)
-    task = QuestionAnsweringTask(data_args)
-    raw = task.load_raw()
-    model, tokenizer = build_model(task, raw, model_args, args.seed)
-    train_ds, eval_ds = task.prepare(tokenizer, raw, args.max_seq_length)
-    trainer = PipelineTrainer(model, args, train_dataset=train_ds, eval_dataset=eval_ds,
-                              compute_metrics=task.compute_metrics(eval_ds), processing_class=tokenizer)
-    trainer.train()  # exports output_dir/final unless --export_final_model false
-    metrics = trainer.evaluate()
-    save_metrics(metrics, args.output_dir)
-    return metrics
+    return run_recipe(QuestionAnsweringTask, QADataArguments, "finetune_qa",
+                      defaults={"max_seq_length": 384}, embedded_defaults=EMBEDDED_DEFAULTS)
 
 
 if __name__ == "__main__":

@@ -8,52 +8,20 @@
 
 No pretrained decoder is available offline, so without --model_name_or_path the recipe trains a 4-block Llama
 (hidden 128) from its config with the project's word-level tokenizer; the embedded data is the project's synthetic
-task (hfpipe/data/text2text). Greedy decoding; beams are not implemented. Prompt masking, metrics and the synthetic
-task are in ``hfpipe.tasks.text2text``; generation in ``hfpipe.generation``.
+task (hfpipe/data/text2text). Greedy decoding; beams are not implemented. Prompt masking and metrics are in
+``hfpipe.tasks.text2text``, the default model in ``hfpipe.tasks.decoder``, the synthetic task in
+``hfpipe/data/generate.py``; generation in ``hfpipe.generation``.
 """
 
-import functools
-import sys
-
-from transformers import AutoTokenizer
-
-from hfpipe import PipelineTrainer
-from hfpipe.generation import generate_continuations
-from hfpipe.tasks.base import recipe_arguments, save_metrics
-from hfpipe.tasks.text2text import RECIPE_DEFAULTS, Text2TextDataArguments, Text2TextTask, default_tokenizer, small_decoder_config
-
-
-def _task_from_argv(default: str) -> str:
-    argv = sys.argv[1:]
-    for i, a in enumerate(argv):
-        if a == "--task" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--task="):
-            return a.split("=", 1)[1]
-    return default
+from hfpipe.tasks.base import flag_value, run_recipe
+from hfpipe.tasks.decoder import build_decoder
+from hfpipe.tasks.text2text import RECIPE_DEFAULTS, Text2TextDataArguments, Text2TextTask
 
 
 def main(default_task: str = "summarization") -> dict:
-    task_name = _task_from_argv(default_task)
-    model_args, data_args, args = recipe_arguments(Text2TextDataArguments, f"finetune_{task_name}", {"task": task_name},
-                                                   RECIPE_DEFAULTS.get(task_name, {}))
-    task = Text2TextTask(data_args)
-    if model_args.model_name_or_path is None:
-        tokenizer = default_tokenizer()
-        model = small_decoder_config(tokenizer)  # trained from its config
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
-        model = model_args.model_name_or_path
-    train_ds, eval_ds = task.prepare(tokenizer, task.load_raw(), args.max_seq_length)
-    generation_fn = functools.partial(generate_continuations, max_new_tokens=args.generation_max_length,
-                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    trainer = PipelineTrainer(model, args, train_dataset=train_ds, eval_dataset=eval_ds,
-                              compute_metrics=task.compute_metrics(eval_ds), processing_class=tokenizer,
-                              model_class=task.auto_class, generation_fn=generation_fn)
-    trainer.train()
-    metrics = trainer.evaluate()
-    save_metrics(metrics, args.output_dir)
-    return metrics
+    task = flag_value("task", default_task)  # the run's name and defaults depend on it
+    return run_recipe(Text2TextTask, Text2TextDataArguments, f"finetune_{task}", defaults={"task": task},
+                      embedded_defaults=RECIPE_DEFAULTS.get(task, {}), build=build_decoder)
 
 
 if __name__ == "__main__":

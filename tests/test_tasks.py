@@ -11,10 +11,12 @@ import pytest
 from transformers import AutoTokenizer, EvalPrediction
 
 from hfpipe.tasks import default_model_path
-from hfpipe.tasks.base import DATA_DIR, apply_defaults
+from hfpipe.tasks.base import DATA_DIR, GenerativeTask, Task, apply_defaults, flag_value
+from hfpipe.tasks.causal_lm import CausalLMDataArguments, CausalLMTask
 from hfpipe.tasks.classification import ClassificationDataArguments, SequenceClassificationTask, find_columns
 from hfpipe.tasks.ner import NERDataArguments, TokenClassificationTask, align_labels, b_to_i_map, ner_metrics
 from hfpipe.tasks.qa import QADataArguments, QuestionAnsweringTask, postprocess_qa_predictions, prepare_eval_features, prepare_train_features
+from hfpipe.tasks.text2text import Text2TextDataArguments, Text2TextTask
 
 CTX = "one two three four five six seven eight nine ten eleven twelve"  # one token per word
 
@@ -27,6 +29,27 @@ def tok():
 def _qa_example(answer="nine ten"):
     answers = {"text": [answer], "answer_start": [CTX.index(answer)]} if answer else {"text": [], "answer_start": []}
     return {"id": ["x"], "question": ["what?"], "context": [CTX], "answers": [answers]}
+
+
+def test_every_task_fulfils_the_task_contract():
+    """What run_recipe calls exists on every task (structurally: no task subclasses Task); only text-to-text is scored
+    on generated text."""
+    tasks = [SequenceClassificationTask(), TokenClassificationTask(), QuestionAnsweringTask(),
+             CausalLMTask(CausalLMDataArguments()), Text2TextTask(Text2TextDataArguments())]
+    for task in tasks:
+        assert isinstance(task, Task) and Task not in type(task).__mro__, type(task).__name__
+    assert [isinstance(t, GenerativeTask) for t in tasks] == [False, False, False, False, True]
+
+    class NoMetrics:
+        auto_class = object
+
+        def load_raw(self): ...
+
+        def model_kwargs(self, raw): ...
+
+        def prepare(self, tokenizer, raw, max_seq_length): ...
+
+    assert not isinstance(NoMetrics(), Task)
 
 
 def test_default_model_is_the_shipped_minilm():
@@ -200,6 +223,12 @@ def test_default_data_validation_shares_no_entities_with_train():
     assert not spans[0] & spans[1] - {"the"}
     sentences = [{r["sentence"] for r in rows("classification", s)} for s in ("train", "validation")]
     assert not sentences[0] & sentences[1]
+
+
+def test_flag_value_reads_the_raw_command_line():
+    assert flag_value("task", "summarization", ["--task", "translation", "--max_steps", "3"]) == "translation"
+    assert flag_value("task", "summarization", ["--task=translation"]) == "translation"
+    assert flag_value("task", "summarization", ["--tasks", "x"]) == "summarization"
 
 
 def test_recipe_defaults_never_override_named_flags():

