@@ -11,6 +11,8 @@ import json
 import sys
 from typing import Callable
 
+from hfpipe.core.partition import parse_partition_method
+
 _COMMANDS: dict[str, tuple[str, Callable]] = {}
 
 
@@ -47,20 +49,14 @@ def _verify(p: argparse.ArgumentParser):
 
         report = verify_dir(args.model, stages=args.stages, micro_batches=args.micro_batches,
                             batch_size=args.batch_size, seq_len=args.seq_len, dp=args.dp, dtype=args.dtype,
-                            partition=parse_partition(args.partition), padding=args.padding, inputs=args.inputs)
+                            partition=parse_partition_method(args.partition), padding=args.padding,
+                            inputs=args.inputs)
         print(format_report(report))
         if args.json:
             _print_json_last(report)
         return 0 if report["passed"] else 1
 
     return run
-
-
-def parse_partition(value: str):
-    """``"0,5,9"`` -> ``[0, 5, 9]``; anything else is a method name."""
-    if value and value[0].isdigit():
-        return [int(x) for x in value.split(",")]
-    return value
 
 
 # ---------------------------------------------------------------------------------------------------- families
@@ -112,7 +108,7 @@ def _plan(p: argparse.ArgumentParser):
             result = compare(args.model, **kwargs)
             print(format_compare(result))
         else:
-            result = plan(args.model, partition=parse_partition(args.partition), **kwargs)
+            result = plan(args.model, partition=parse_partition_method(args.partition), **kwargs)
             print(format_plan(result))
         if args.json:
             _print_json_last(result)
@@ -212,9 +208,9 @@ def _convert(p: argparse.ArgumentParser):
     def run(args) -> int:
         from hfpipe.checkpoint import convert
 
-        m = convert(args.model, args.output, num_stages=args.stages, partition_method=parse_partition(args.partition),
-                    dtype=args.dtype, model_class=_model_class(args.model_class), overwrite=args.overwrite,
-                    progress=not args.no_progress)
+        m = convert(args.model, args.output, num_stages=args.stages,
+                    partition_method=parse_partition_method(args.partition), dtype=args.dtype,
+                    model_class=_model_class(args.model_class), overwrite=args.overwrite, progress=not args.no_progress)
         parts = m["partition"]["parts"]
         print(f"wrote {args.output}: {m['architecture']}, {m['num_layers']} layers, {m['partition']['num_stages']} "
               f"stages (first layers {parts[:-1]}), dtype {m['dtype']}")

@@ -11,8 +11,28 @@ import re
 from typing import Callable, Sequence
 
 
+METHODS = ("balanced", "balanced:blocks", "parameters", "uniform")  # and "type:<regex>"
+
+
 class PartitionError(ValueError):
     pass
+
+
+def parse_partition_method(value):
+    """A partition method as written on a command line or in a config: ``"0,5,9"`` -> ``[0, 5, 9]`` (the first layer
+    of each stage), a list stays a list of ints, a method name (:data:`METHODS`, ``"type:<regex>"``) is kept as is."""
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    text = str(value).strip()
+    if text[:1].isdigit():
+        try:
+            return [int(x) for x in text.split(",")]
+        except ValueError:
+            pass
+    elif isinstance(value, str) and (text.lower() in METHODS or text.lower().startswith("type:")):
+        return value
+    raise PartitionError(f"partition method {value!r}: expected one of {', '.join(METHODS)}, type:<regex>, or the "
+                         "comma-separated first layer index of each stage (e.g. 0,5,9).")
 
 
 def _check(num_layers: int, num_stages: int, cut_allowed: Sequence[bool]) -> list[int]:

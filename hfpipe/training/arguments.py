@@ -113,10 +113,9 @@ class PipelineTrainingArguments:
     @property
     def partition(self):
         """``partition_method`` with ``"0,5,9"`` turned into ``[0, 5, 9]``."""
-        value = self.partition_method
-        if isinstance(value, str) and value[:1].isdigit():
-            return [int(x) for x in value.split(",")]
-        return value
+        from hfpipe.core.partition import parse_partition_method
+
+        return parse_partition_method(self.partition_method)
 
 
 def parse_args(dataclass_types: Sequence[type] = (PipelineTrainingArguments,), argv: Sequence[str] | None = None):
