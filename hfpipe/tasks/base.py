@@ -169,7 +169,8 @@ class ModelArguments:
 
 
 #: What the encoder recipes' embedded default runs share (pretrained MiniLM on the generated data, 2 CPU ranks: short
-#: rows, small batches, no checkpoints); each recipe adds its learning rate and epochs (hfpipe.tasks.base.run_recipe).
+#: rows, small batches, no checkpoints); each recipe adds its learning rate and epochs. Applied only when no data is
+#: given, and any command-line flag still wins (:func:`recipe_arguments`).
 ENCODER_EMBEDDED_DEFAULTS = dict(max_seq_length=32, per_device_train_batch_size=8, gradient_accumulation_steps=2,
                                  per_device_eval_batch_size=25, warmup_ratio=0.1, logging_steps=10, save_strategy="no",
                                  report_to=[])
