@@ -9,12 +9,12 @@ from hfpipe.pipeline import HFPipelineModule, initialize, to_pipeline  # noqa: E
 __all__ = ["Adapter", "HFPipelineModule", "PipelineTrainer", "PipelineTrainingArguments", "UnsupportedModelError",
            "initialize", "micro_batches", "register_adapter", "supported_families", "to_pipeline", "__version__"]
 
-_LAZY = {"PipelineTrainer": ".trainer", "PipelineTrainingArguments": ".arguments"}
+_LAZY = {"PipelineTrainer": "hfpipe.training.trainer", "PipelineTrainingArguments": "hfpipe.training.arguments"}
 
 
 def __getattr__(name):  # the trainer pulls in tqdm, tensorboard, ...: import it on first use
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'hfpipe' has no attribute {name!r}")
