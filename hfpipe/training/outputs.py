@@ -1,0 +1,152 @@
+"""What a training run leaves behind besides checkpoints: the HF model folder, its Hub upload, the loss curves -- and
+the optimizer's weight-decay groups, which follow HF Trainer's naming rules like the exported model does.
+
+The exported folder is a normal HF folder (``from_pretrained`` loads it). From a checkpoint it is
+``hfpipe.checkpoint.export``'s conversion; without one, every stage's live parameters are gathered on rank 0 under
+their HF names. Hub uploads never raise on rank 0 alone: the other ranks would wait forever in the next collective.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import torch
+
+#: HF Trainer's rule: no weight decay on biases and parameters named like norms (LayerNorm modules too).
+NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+#: ``datasets`` builder names of local files and generated data (no Hub dataset to name on the model card).
+LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow", "generator", "pandas")
+
+
+def decay_parameter_groups(pipe, weight_decay: float) -> list[dict]:
+    """HF Trainer's grouping: no weight decay on biases, LayerNorm modules and parameters named like norms."""
+    patterns = [re.compile(p) for p in NO_DECAY_PATTERNS]
+    hf_name = {id(p): n for n, p in pipe.hf_named_parameters()}
+    no_decay_ids = set()
+    for mod in pipe.modules():
+        if isinstance(mod, torch.nn.LayerNorm):
+            no_decay_ids.update(id(p) for p in mod.parameters(recurse=False))
+    decay, no_decay = [], []
+    for local, p in pipe.named_parameters():
+        name = hf_name.get(id(p), local).lower()
+        if id(p) in no_decay_ids or any(pat.search(name) for pat in patterns):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def export_model(trainer, output_dir: str, checkpoint: str | None = None) -> str:
+    """``PipelineTrainer.export_model``: rank 0 writes ``output_dir`` (from ``checkpoint`` or the live weights) and
+    the tokenizer; every rank returns ``output_dir`` after the write."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    if checkpoint is None:
+        state = _gather_hf_state(trainer)
+    if trainer.rank == 0:
+        if checkpoint is not None:
+            from hfpipe.checkpoint import export
+
+            export(checkpoint, output_dir, overwrite=True, progress=not trainer.args.disable_tqdm)
+        else:
+            _save_live(trainer.pipe, state, output_dir)
+        if trainer.processing_class is not None:
+            trainer.processing_class.save_pretrained(output_dir)
+    dist.barrier()
+    return output_dir
+
+
+def _gather_hf_state(trainer) -> dict:
+    """Every stage's parameters by HF name on rank 0 (one replica's, fp32 under mixed precision); ``{}`` elsewhere."""
+    import torch.distributed as dist
+
+    params = {}
+    if trainer.dp_rank == 0:
+        mixed = trainer.engine.bfloat16_enabled() or trainer.engine.fp16_enabled()
+        params = {name: p.detach().float().cpu().clone() if mixed else p.detach().cpu().clone()
+                  for name, p in trainer.pipe.hf_named_parameters()}
+    parts = [None] * trainer.world_size
+    dist.all_gather_object(parts, params)
+    state = {}
+    for part in parts:
+        state.update(part)
+    return state
+
+
+def _save_live(pipe, state: dict, output_dir: str) -> None:
+    """``save_pretrained`` of the pipeline's HF model class holding ``state``; a missing or extra weight (tied
+    copies aside) is an error."""
+    model_class = pipe.adapter.model_class
+    model = model_class._from_config(pipe.config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set()
+    if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
+        tied = {n for n, p in model.named_parameters(remove_duplicate=False)
+                if p is model.get_input_embeddings().weight}
+    missing = [k for k in missing if k not in tied and k in dict(model.named_parameters())]
+    if missing or unexpected:
+        raise RuntimeError(f"export: parameters missing {missing[:5]} / unexpected {unexpected[:5]} when "
+                           f"loading the pipeline's weights into {model_class.__name__}.")
+    os.makedirs(output_dir, exist_ok=True)
+    model.save_pretrained(output_dir)
+
+
+def push(trainer, folder: str, metrics: dict):
+    """Rank 0 uploads ``folder`` with a model card (metrics, the resolved config, base model, dataset). A failed
+    push is reported, not raised: the other ranks have moved on (an exception here would leave them waiting in
+    the next collective) and the exported folder is intact for a later ``hfpipe push``."""
+    if trainer.rank != 0:
+        return None
+    from hfpipe.hub import PushError, hyperparameters, push_to_hub
+
+    hp = hyperparameters(trainer.ds_config, trainer.args)
+    hp["world_size"] = trainer.world_size
+    info = {"metrics": metrics, "hyperparameters": hp, "task": trainer.pipe.head.name,
+            "base_model": getattr(trainer.pipe.config, "_name_or_path", None) or None}
+    name = getattr(getattr(trainer.train_dataset, "info", None), "dataset_name", None)
+    if name and name not in LOCAL_BUILDERS:
+        info["dataset"] = name  # a Hub dataset; local files and generated data have a builder name only
+    try:
+        return push_to_hub(folder, trainer.args.hub_model_id, private=trainer.args.hub_private_repo, card_info=info)
+    except PushError as exc:
+        print(f"hfpipe: push to the Hub failed: {exc}", file=sys.stderr, flush=True)
+        return None
+
+
+def plot_curves(log_history: list[dict], path: str) -> str | None:
+    """Training loss (and eval metrics) against steps, as a PNG; ``None`` when nothing was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    evals: dict[str, list] = {}
+    for h in log_history:
+        for k, v in h.items():
+            if k.startswith("eval_") and not k.endswith(("runtime", "per_second")) and isinstance(v, (int, float)):
+                evals.setdefault(k, []).append((h["step"], v))
+    if not train and not evals:
+        return None
+    ncols = 1 + bool(evals)
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4), squeeze=False)
+    if train:
+        axes[0][0].plot(*zip(*train), label="train loss")
+    if "eval_loss" in evals:
+        axes[0][0].plot(*zip(*evals.pop("eval_loss")), "o-", label="eval loss")
+    axes[0][0].set_xlabel("step")
+    axes[0][0].set_ylabel("loss")
+    axes[0][0].legend()
+    if evals:
+        for k, pts in evals.items():
+            axes[0][1].plot(*zip(*pts), "o-", label=k)
+        axes[0][1].set_xlabel("step")
+        axes[0][1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
