@@ -1,5 +1,5 @@
-"""The Accelerate layer of ``hfpipe.training.config``: an Accelerate config (YAML) and the ``ACCELERATE_*`` variables that
-``accelerate launch`` passes, turned into hfpipe settings.
+"""The Accelerate layer of ``hfpipe.training.config``: an Accelerate config (YAML) and the ``ACCELERATE_*`` variables
+that ``accelerate launch`` passes, turned into hfpipe settings.
 
 Accelerate refuses pipeline parallelism, but its launcher starts ranks (``RANK``/``WORLD_SIZE``) like any other, and
 its config is where users keep precision, ZeRO stage and accumulation. ``accelerate launch --config_file cfg.yaml``
