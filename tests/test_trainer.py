@@ -63,7 +63,7 @@ def _lm_model():
 
 
 def _args(out_dir, stages, **kw):
-    from hfpipe.training.arguments import PipelineTrainingArguments
+    from hfpipe import PipelineTrainingArguments
 
     base = dict(output_dir=out_dir, num_stages=stages, per_device_train_batch_size=2, per_device_eval_batch_size=2,
                 gradient_accumulation_steps=2, max_seq_length=SEQ, report_to=[], disable_tqdm=True,
@@ -74,7 +74,7 @@ def _args(out_dir, stages, **kw):
 
 # ------------------------------------------------------------------------------------------------- rank functions
 def rank_predict(stages: int, n: int, out_dir: str):
-    from hfpipe.training.trainer import PipelineTrainer
+    from hfpipe import PipelineTrainer
 
     calls = []
 
@@ -92,7 +92,7 @@ def rank_predict(stages: int, n: int, out_dir: str):
 
 
 def rank_train(out_dir: str, resume: str | None, init_seed: int, dropout: bool):
-    from hfpipe.training.trainer import PipelineTrainer
+    from hfpipe import PipelineTrainer
 
     args = _args(out_dir, 2, max_steps=6, save_strategy="steps", save_steps=3, learning_rate=1e-3, warmup_steps=2,
                  resume_from_checkpoint=resume)
@@ -119,7 +119,7 @@ class EventRecorder:
 
 
 def rank_lm_train(out_dir: str, loss_chunk_tokens: int = 0):
-    from hfpipe.training.trainer import PipelineTrainer
+    from hfpipe import PipelineTrainer
 
     # evaluation every 2 steps with a different micro-batch size (3) than training (2): the engine's buffers must be
     # reset around it, or training after it breaks (the HF comparison would catch it)
@@ -146,7 +146,7 @@ class SnapshotOnSave:
 
 
 def rank_best_model(out_dir: str):
-    from hfpipe.training.trainer import PipelineTrainer
+    from hfpipe import PipelineTrainer
 
     calls = []
 
@@ -265,7 +265,7 @@ def test_zero2_config_fails_before_any_process_group(tmp_path):
 
     import torch.distributed as dist
 
-    from hfpipe.training.trainer import PipelineTrainer
+    from hfpipe import PipelineTrainer
     from hfpipe.training.config import ConfigError
 
     path = tmp_path / "z2.json"
