@@ -313,7 +313,7 @@ def meta_layers(builder, infos=None) -> list:
 
 def layer_list(infos) -> list[dict]:
     """The family's fixed layer list as the manifest records it."""
-    return [{"index": i, "name": info.name, "kind": info.kind, "block": info.block, "part": info.part,
+    return [{"index": i, "name": info.name, "kind": info.kind.value, "block": info.block, "part": info.part,
              "file": layer_file(i) if saved_by_deepspeed(info.spec) else None} for i, info in enumerate(infos)]
 
 
