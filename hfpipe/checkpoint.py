@@ -28,7 +28,7 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
               "spm.model", "generation_config.json", "chat_template.jinja")
 from hfpipe._version import __version__
 from hfpipe.core.builder import prepare, stage_parts
-from hfpipe.core.weights import (FORMAT, FORMAT_VERSION, MANIFEST, CheckpointError, _local_folder, PipelineCheckpointSource, build_layer, check_manifest,
+from hfpipe.core.weights import (FORMAT, FORMAT_VERSION, MANIFEST, CheckpointError, _local_folder, _tied_map, PipelineCheckpointSource, build_layer, check_manifest,
                                  checkpoint_config, checkpoint_root_and_tag, layer_file, layer_list, parse_dtype,
                                  read_manifest, resolve_pretrained, saved_by_deepspeed, saved_names)
 
@@ -214,37 +214,53 @@ def export(checkpoint, output_dir, *, dtype=None, max_shard_size="5GB", overwrit
     next to it, ``model`` (an HF folder or config.json) says which model it holds. Tied weights are written once, as
     ``save_pretrained`` does; ``dtype`` casts floating-point tensors. The folder appears only when complete.
     """
-    from huggingface_hub import save_torch_state_dict
-
     root, tag = checkpoint_root_and_tag(checkpoint)
     builder, infos, manifest = _builder_for_checkpoint(root, model, model_class)
-    a = builder.adapter
-    target_dtype = parse_dtype(dtype)
-    source = PipelineCheckpointSource(tag, dtype=target_dtype).bind(builder)
-    tied, meta_model = source.tied, a.meta_model
-    expected = [k for k in meta_model.state_dict() if k not in tied]
-    have = [k for k in source.keys() if k not in tied]
-    missing = sorted(set(expected) - set(have))
-    extra = sorted(set(have) - set(expected))
+    source = PipelineCheckpointSource(tag, dtype=parse_dtype(dtype)).bind(builder)
+    expected = hf_weight_names(builder.adapter, source.keys(), root)
+
+    def read():
+        return {name: source.get(name).contiguous() for name in _progress(expected, "export", progress, unit="tensor")}
+
+    return write_hf_folder(builder.adapter, read, output_dir, max_shard_size=max_shard_size, overwrite=overwrite,
+                           side_files=root)
+
+
+def hf_weight_names(adapter, names, where) -> list[str]:
+    """The weights an HF folder of ``adapter``'s model holds (tied copies once, as ``save_pretrained`` writes them),
+    checked against ``names`` (what the pipeline has, by HF name): a missing or extra weight is an error."""
+    tied = _tied_map(adapter.config, adapter.model_class, adapter.meta_model)
+    expected = [k for k in adapter.meta_model.state_dict() if k not in tied]
+    have = {k for k in names if k not in tied}
+    missing, extra = sorted(set(expected) - have), sorted(have - set(expected))
     if missing or extra:
-        raise CheckpointError(f"{root}: the pipeline layers give no weight for {missing[:5]} and weights "
-                              f"{extra[:5]} that {a.model_class.__name__} does not have; this is an hfpipe bug for "
-                              "this family -- please report it.")
+        raise CheckpointError(f"{where}: the pipeline layers give no weight for {missing[:5]} and weights "
+                              f"{extra[:5]} that {adapter.model_class.__name__} does not have; this is an hfpipe bug "
+                              "for this family -- please report it.")
+    return expected
+
+
+def write_hf_folder(adapter, read_state, output_dir, *, max_shard_size="5GB", overwrite: bool = False,
+                    side_files=None) -> str:
+    """Write ``read_state()`` (``{HF name: tensor}``, called once the output folder is prepared) as an HF folder of
+    ``adapter``'s model: sharded safetensors under ``save_pretrained``'s names and layouts, ``config.json`` (dtype from
+    the weights), the tokenizer files found in ``side_files``. The folder appears only when complete. One writer for
+    ``export`` and the trainer's export of live weights."""
+    from huggingface_hub import save_torch_state_dict
+
     out, tmp = _prepare_output(output_dir, overwrite)
     try:
-        state = {}
-        for name in _progress(expected, "export", progress, unit="tensor"):
-            state[name] = source.get(name).contiguous()
-        floats = {t.dtype for t in state.values() if t.is_floating_point()}  # after the cast, if any
-        state = _to_checkpoint_names(meta_model, state)
+        state = read_state()
+        floats = {t.dtype for t in state.values() if t.is_floating_point()}
+        state = _to_checkpoint_names(adapter.meta_model, state)
         save_torch_state_dict(state, tmp, max_shard_size=max_shard_size, metadata={"format": "pt"})
         del state
-        config = copy.deepcopy(a.config)
-        config.architectures = [a.model_class.__name__]
+        config = copy.deepcopy(adapter.config)
+        config.architectures = [adapter.model_class.__name__]
         if len(floats) == 1:
             config.dtype = str(floats.pop()).replace("torch.", "")
         config.save_pretrained(tmp)
-        _copy_side_files(root, tmp)
+        _copy_side_files(side_files, tmp)
         _commit_output(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -3,13 +3,9 @@ project's generated data) with capped steps and reaches a pinned metric that a b
 post-processing cannot: thresholds sit well above chance and below the values measured for these exact settings
 (seeded runs; listed per case)."""
 
-import json
-import os
-import subprocess
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from recipe_runs import LIMIT, run_recipe
 
 # recipe, extra flags, {metric: (threshold, measured at these settings)}
 CASES = [
@@ -22,15 +18,10 @@ CASES = [
 ]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.launches
+@pytest.mark.timeout(LIMIT + 60)
 @pytest.mark.parametrize("recipe, flags, expected", CASES, ids=[c[0] for c in CASES])
 def test_recipe_reaches_pinned_metric(recipe, flags, expected, tmp_path):
-    out = tmp_path / "out"
-    cmd = ["deepspeed", "--num_gpus", "2", os.path.join(ROOT, "recipes", f"{recipe}.py"), "--output_dir", str(out),
-           "--export_final_model", "false", "--disable_tqdm", "true", *flags]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=290)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    metrics = json.loads((out / "eval_results.json").read_text())
+    metrics = run_recipe(recipe, tmp_path / "out", *flags)
     for key, (threshold, measured) in expected.items():
         assert metrics[key] >= threshold, f"{key}={metrics[key]:.3f} < {threshold} (measured {measured}): {metrics}"

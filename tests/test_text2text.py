@@ -2,11 +2,7 @@
 through a 2-stage pipeline), metrics decode generated ids, and the summarization recipe reaches a pinned ROUGE on
 its shipped synthetic data."""
 
-import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,6 +13,8 @@ from hfpipe.data.generate import synthetic_examples
 from hfpipe.tasks.causal_lm import CausalLMDataArguments, CausalLMTask
 from hfpipe.tasks.decoder import default_tokenizer, small_decoder_config
 from hfpipe.tasks.text2text import Text2TextDataArguments, Text2TextTask
+
+from recipe_runs import LIMIT, run_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,25 +127,15 @@ def test_causal_lm_reads_text_files_and_holds_out_validation(tmp_path):
                                            validation_file=str(tmp_path / "dev.csv"))).load_raw()
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.launches
+@pytest.mark.timeout(LIMIT + 60)
 def test_summarization_recipe_reaches_rouge(tmp_path):
     """60 steps of the recipe's embedded default on 2 CPU ranks (~25 s unloaded + start-up), evaluated by generating
     through the pipeline. The untrained model scores ROUGE-1 = ROUGE-2 = 0.0 on these 50 examples (it never emits
     the summary words); after 60 steps it has the template "<name> bought <item> in <city> ." (ROUGE-1 45.2, ROUGE-2
     10.0 measured)."""
-    pytest.importorskip("hfpipe.training.trainer")
-    out = tmp_path / "out"
-    with socket.socket() as sock:  # the default port 29500 may be taken by another launch on this machine
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port),
-           os.path.join(ROOT, "recipes", "finetune_summarization.py"),
-           "--output_dir", str(out), "--max_steps", "60", "--eval_steps", "60", "--max_eval_samples", "50",
-           "--export_final_model", "false", "--report_to", "none", "--disable_tqdm", "true"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=290)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    metrics = json.loads((out / "eval_results.json").read_text())
+    metrics = run_recipe("finetune_summarization", tmp_path / "out", "--max_steps", "60", "--eval_steps", "60",
+                         "--max_eval_samples", "50")
     assert metrics["eval_rouge1"] >= 40.0 and metrics["eval_rouge2"] >= 5.0, metrics
     assert metrics["eval_gen_len"] == pytest.approx(6.0, abs=1.0), metrics  # generated summaries, stopped at EOS
 

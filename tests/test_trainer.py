@@ -131,6 +131,7 @@ def rank_lm_train(out_dir: str, loss_chunk_tokens: int = 0):
     trainer = PipelineTrainer(_lm_model(), args, train_dataset=_lm_data(8), eval_dataset=_lm_data(5, seed=3),
                               callbacks=[recorder])
     trainer.train()
+    trainer.export_model(os.path.join(out_dir, "live"))  # from the live weights (no checkpoint)
     hist = [h for h in trainer.state.log_history if "loss" in h]
     return {"loss": [h["loss"] for h in hist], "lr": [h["learning_rate"] for h in hist],
             "grad_norm": [h["grad_norm"] for h in hist], "events": recorder.events,
@@ -253,11 +254,13 @@ def test_pipeline_trainer_matches_hf_trainer(dist_pool, tmp_path, loss_chunk_tok
     assert len(lines) == 6 and '"tokens_per_second"' in lines[0]
     assert glob.glob(str(tmp_path / "pipe" / "runs" / "*" / "events.out.tfevents.*"))
     assert (tmp_path / "pipe" / "training_curves.png").stat().st_size > 1000
-    # the exported folder holds the same weights as HF Trainer's model after 4 steps
-    exported = LlamaForCausalLM.from_pretrained(str(tmp_path / "pipe" / "final"))
+    # the exported folders (from the last checkpoint, and from the live weights) hold the same weights as HF
+    # Trainer's model after 4 steps
     ref = dict(hf_model.named_parameters())
-    for name, p in exported.named_parameters():
-        torch.testing.assert_close(p, ref[name].detach(), rtol=1e-5, atol=1e-6, msg=name)
+    for folder in ("final", "live"):
+        exported = LlamaForCausalLM.from_pretrained(str(tmp_path / "pipe" / folder))
+        for name, p in exported.named_parameters():
+            torch.testing.assert_close(p, ref[name].detach(), rtol=1e-5, atol=1e-6, msg=f"{folder}: {name}")
 
 
 def test_zero2_config_fails_before_any_process_group(tmp_path):

@@ -3,16 +3,17 @@ the optimizer's weight-decay groups, which follow HF Trainer's naming rules like
 
 The exported folder is a normal HF folder (``from_pretrained`` loads it). From a checkpoint it is
 ``hfpipe.checkpoint.export``'s conversion; without one, every stage's live parameters are gathered on rank 0 under
-their HF names. Hub uploads never raise on rank 0 alone: the other ranks would wait forever in the next collective.
+their HF names and written by the same writer (``hfpipe.checkpoint.write_hf_folder``). Hub uploads never raise on rank 0 alone: the other ranks would wait forever in the next collective.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 
 import torch
+
+from hfpipe.checkpoint import export, hf_weight_names, write_hf_folder
 
 #: HF Trainer's rule: no weight decay on biases and parameters named like norms (LayerNorm modules too).
 NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
@@ -49,8 +50,6 @@ def export_model(trainer, output_dir: str, checkpoint: str | None = None) -> str
         state = _gather_hf_state(trainer)
     if trainer.rank == 0:
         if checkpoint is not None:
-            from hfpipe.checkpoint import export
-
             export(checkpoint, output_dir, overwrite=True, progress=not trainer.args.disable_tqdm)
         else:
             _save_live(trainer.pipe, state, output_dir)
@@ -78,21 +77,9 @@ def _gather_hf_state(trainer) -> dict:
 
 
 def _save_live(pipe, state: dict, output_dir: str) -> None:
-    """``save_pretrained`` of the pipeline's HF model class holding ``state``; a missing or extra weight (tied
-    copies aside) is an error."""
-    model_class = pipe.adapter.model_class
-    model = model_class._from_config(pipe.config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set()
-    if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
-        tied = {n for n, p in model.named_parameters(remove_duplicate=False)
-                if p is model.get_input_embeddings().weight}
-    missing = [k for k in missing if k not in tied and k in dict(model.named_parameters())]
-    if missing or unexpected:
-        raise RuntimeError(f"export: parameters missing {missing[:5]} / unexpected {unexpected[:5]} when "
-                           f"loading the pipeline's weights into {model_class.__name__}.")
-    os.makedirs(output_dir, exist_ok=True)
-    model.save_pretrained(output_dir)
+    """The gathered ``state`` as an HF folder, through the same writer as ``hfpipe export`` (no model is built)."""
+    names = hf_weight_names(pipe.adapter, state.keys(), "export of the live weights")
+    write_hf_folder(pipe.adapter, lambda: {n: state[n].contiguous() for n in names}, output_dir, overwrite=True)
 
 
 def push(trainer, folder: str, metrics: dict):
