@@ -73,6 +73,8 @@ def test_memory_rules(llama):
     assert costs.optimizer_bytes_per_param("bf16", dp=4, zero_stage=1) == {"params": 2, "grads": 2, "optimizer": 4}
     with pytest.raises(ValueError, match="ZeRO stage 0 or 1"):
         costs.optimizer_bytes_per_param("bf16", zero_stage=2)
+    with pytest.raises(ValueError, match="zero_stage=-1: expected a ZeRO stage"):
+        costs.optimizer_bytes_per_param("bf16", zero_stage=-1)
     assert [costs.in_flight(s, 4, 8) for s in range(4)] == [4, 3, 2, 1]
     assert costs.in_flight(0, 4, 2) == 2
     cs = costs.layer_costs(llama, seq_len=S)

@@ -32,6 +32,7 @@ from deepspeed.pipe import TiedLayerSpec
 from torch import nn
 
 from hfpipe.core.batches import make_batch, micro_batches
+from hfpipe.core.dsconfig import check_zero_stage
 from hfpipe.core.heads import PipelineLoss, TiedLMHead, task_shell
 from hfpipe.core.layers import LayerKind, TokenEmbedding
 
@@ -244,8 +245,7 @@ def optimizer_bytes_per_param(dtype: str, dp: int = 1, zero_stage: int = 0) -> d
     DeepSpeed's bf16 optimizer keeps: master weights 4, fp32 gradients 4, Adam 8. ZeRO-1 divides the optimizer part
     over the ``dp`` data-parallel ranks (ZeRO-2/3 do not combine with pipeline parallelism).
     """
-    if zero_stage not in (0, 1):
-        raise ValueError(f"zero_stage={zero_stage}; pipeline parallelism supports ZeRO stage 0 or 1 only.")
+    check_zero_stage(zero_stage, key="zero_stage", fix="use --zero-stage 0 or 1")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype={dtype!r}; expected one of {sorted(DTYPE_BYTES)}.")
     w = DTYPE_BYTES[dtype]

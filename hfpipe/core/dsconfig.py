@@ -28,6 +28,9 @@ def check_zero_stage(stage, *, key: str = "zero_optimization.stage", source: str
     """ZeRO stage 0 or 1 only: stage 2 shards gradients and 3 parameters over the data-parallel ranks, which a
     ``PipelineEngine`` does not support. Returns the stage as an int."""
     stage = int(stage or 0)
+    if stage < 0:
+        raise ConfigError(f"{key}={stage}{_at(source)}: expected a ZeRO stage (0 or 1 with pipeline parallelism); "
+                          f"{fix}.")
     if stage >= 2:
         shards = "gradients" if stage == 2 else "gradients and parameters"
         raise ConfigError(f"{key}={stage}{_at(source)}: ZeRO stage {stage} shards {shards} over the data-parallel "
