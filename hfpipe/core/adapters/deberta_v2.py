@@ -14,7 +14,8 @@ from deepspeed.pipe import TiedLayerSpec
 from torch import nn
 
 from hfpipe.core.layers import Block, LayerKind, PipeLayer, _prefixed
-from hfpipe.core.adapters.base import Adapter, UnsupportedModelError
+from hfpipe.core.adapters.base import UnsupportedModelError
+from hfpipe.core.adapters.encoders import EncoderAdapter
 from hfpipe.core.adapters.registry import register_adapter
 
 REL_KEY = "deberta_rel"
@@ -85,13 +86,8 @@ class DebertaBlock(Block):
 
 
 @register_adapter
-class DebertaV2Adapter(Adapter):
+class DebertaV2Adapter(EncoderAdapter):
     model_types = ("deberta-v2",)
-    layers_path = "encoder.layer"
-    embed_path = None
-    final_paths = ()
-    causal = False
-    extra_input_names = ("token_type_ids",)
     block_class = DebertaBlock
 
     def validate(self) -> None:

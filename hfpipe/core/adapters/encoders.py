@@ -10,21 +10,25 @@ from hfpipe.core.adapters.base import Adapter
 from hfpipe.core.adapters.registry import register_adapter
 
 
-@register_adapter
-class BertAdapter(Adapter):
-    model_types = ("bert", "roberta", "xlm-roberta", "camembert")
+class EncoderAdapter(Adapter):
+    """What every bidirectional encoder shares: the embeddings stay in the embedding stage (``BodyShell``), no final
+    modules after the blocks, BERT-style ``token_type_ids`` as an extra input."""
+
     layers_path = "encoder.layer"
     embed_path = None
     final_paths = ()
-    pooler_path = "pooler"
     causal = False
     extra_input_names = ("token_type_ids",)
 
 
 @register_adapter
-class DistilBertAdapter(Adapter):
+class BertAdapter(EncoderAdapter):
+    model_types = ("bert", "roberta", "xlm-roberta", "camembert")
+    pooler_path = "pooler"
+
+
+@register_adapter
+class DistilBertAdapter(EncoderAdapter):
     model_types = ("distilbert",)
     layers_path = "transformer.layer"
-    embed_path = None
-    final_paths = ()
-    causal = False
+    extra_input_names = ()

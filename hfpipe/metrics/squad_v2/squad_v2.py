@@ -8,12 +8,12 @@ an empty prediction or an empty gold answer is 1 when both are empty, else 0. A 
 thresholds that maximise them. Same inputs as the Hub's ``squad_v2``.
 """
 
-import re
-import string
 from collections import Counter
 
 import datasets
 import evaluate
+
+from hfpipe.metrics.squad.squad import normalize_answer  # v2.0 normalises answers exactly as v1.1
 
 _KWARGS = """
 predictions: list of {"id": str, "prediction_text": str, "no_answer_probability": float}.
@@ -22,14 +22,6 @@ no_answer_threshold: float (default 1.0).
 Returns exact, f1, total, HasAns_exact, HasAns_f1, HasAns_total, NoAns_exact, NoAns_f1, NoAns_total, best_exact,
 best_exact_thresh, best_f1, best_f1_thresh (scores in 0-100).
 """
-
-
-def normalize_answer(s: str) -> str:
-    s = s.lower()
-    exclude = set(string.punctuation)
-    s = "".join(ch for ch in s if ch not in exclude)
-    s = re.sub(r"\b(a|an|the)\b", " ", s)
-    return " ".join(s.split())
 
 
 def get_tokens(s: str) -> list:
