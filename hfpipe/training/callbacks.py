@@ -53,75 +53,73 @@ class JsonlLoggerCallback(TrainerCallback):
             f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}, default=float) + "\n")
 
 
-class TensorBoardCallback(TrainerCallback):
+class _Tracker(TrainerCallback):
+    """A tracker that lives on global rank 0 from train begin to train end; subclasses say how to ``start`` it (the
+    returned handle), ``log`` scalars to it and ``finish`` it."""
+
     def __init__(self):
-        self.writer = None
+        self.handle = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(os.path.join(args.output_dir, "runs", args.run_name or "hfpipe"))
+        if state.is_world_process_zero and self.handle is None:
+            self.handle = self.start(args)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.writer is None or not logs:
-            return
-        for k, v in _scalars(logs).items():
-            tag = k.replace("eval_", "eval/", 1) if k.startswith("eval_") else f"train/{k}"
-            self.writer.add_scalar(tag, v, state.global_step)
-        self.writer.flush()
+        if self.handle is not None and logs:
+            self.log(_scalars(logs), state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        if self.handle is not None:
+            self.finish()
+            self.handle = None
 
 
-class WandbCallback(TrainerCallback):
-    def __init__(self):
-        self.run = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and self.run is None:
-            import wandb
-
-            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "hfpipe"), name=args.run_name,
-                                  config={k: v for k, v in vars(args).items() if not k.startswith("_")})
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.run is not None and logs:
-            self.run.log(_scalars(logs), step=state.global_step)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.run is not None:
-            self.run.finish()
-            self.run = None
+def _run_config(args) -> dict:
+    return {k: v for k, v in vars(args).items() if not k.startswith("_")}
 
 
-class MLflowCallback(TrainerCallback):
-    def __init__(self):
-        self.active = False
+class TensorBoardCallback(_Tracker):
+    def start(self, args):
+        from torch.utils.tensorboard import SummaryWriter
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and not self.active:
-            import mlflow
+        return SummaryWriter(os.path.join(args.output_dir, "runs", args.run_name or "hfpipe"))
 
-            mlflow.start_run(run_name=args.run_name)
-            mlflow.log_params({k: str(v)[:250] for k, v in vars(args).items() if not k.startswith("_")})
-            self.active = True
+    def log(self, scalars, step):
+        for k, v in scalars.items():
+            self.handle.add_scalar(k.replace("eval_", "eval/", 1) if k.startswith("eval_") else f"train/{k}", v, step)
+        self.handle.flush()
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.active and logs:
-            import mlflow
+    def finish(self):
+        self.handle.close()
 
-            mlflow.log_metrics(_scalars(logs), step=state.global_step)
 
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.active:
-            import mlflow
+class WandbCallback(_Tracker):
+    def start(self, args):
+        import wandb
 
-            mlflow.end_run()
-            self.active = False
+        return wandb.init(project=os.environ.get("WANDB_PROJECT", "hfpipe"), name=args.run_name,
+                          config=_run_config(args))
+
+    def log(self, scalars, step):
+        self.handle.log(scalars, step=step)
+
+    def finish(self):
+        self.handle.finish()
+
+
+class MLflowCallback(_Tracker):
+    def start(self, args):
+        import mlflow
+
+        mlflow.start_run(run_name=args.run_name)
+        mlflow.log_params({k: str(v)[:250] for k, v in _run_config(args).items()})
+        return mlflow
+
+    def log(self, scalars, step):
+        self.handle.log_metrics(scalars, step=step)
+
+    def finish(self):
+        self.handle.end_run()
 
 
 class ProgressCallback(TrainerCallback):
