@@ -4,9 +4,6 @@ pipeline cannot run with are refused; `hfpipe ds-config`; one real `accelerate l
 
 import json
 import os
-import signal
-import socket
-import subprocess
 
 import pytest
 import yaml
@@ -14,6 +11,8 @@ import yaml
 from hfpipe.training.arguments import PipelineTrainingArguments
 from hfpipe.cli import main
 from hfpipe.training.config import ConfigError, resolve_ds_config
+
+from recipe_runs import LIMIT, free_port, launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DS = {"offload_optimizer_device": "none", "offload_param_device": "none", "zero3_init_flag": False}
@@ -272,31 +271,16 @@ def test_ds_config_cli_prints_config_and_sources(tmp_path, capsys):
 
 
 # -------------------------------------------------------------------------------------------- accelerate launch
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.timeout(300)  # ~25-55 s alone on 2 cores; the margin is for a loaded machine (as tests/test_recipes.py)
+@pytest.mark.launches
+@pytest.mark.timeout(LIMIT + 60)
 def test_accelerate_launch_runs_a_recipe_at_p2(tmp_path):
     """`accelerate launch` (distributed_type DEEPSPEED, use_cpu) starts 2 ranks; the recipe reads its variables and
     trains 2 steps at p=2 with bf16, ZeRO 1 and accumulation 2 from the Accelerate config."""
     path = write_yaml(tmp_path, "bf16", {"zero_stage": 1, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0})
     out = tmp_path / "out"
-    cmd = ["accelerate", "launch", "--config_file", path, "--main_process_port", str(_free_port()),
-           os.path.join(ROOT, "recipes", "finetune_classification.py"), "--output_dir", str(out), "--max_steps", "2",
-           "--num_stages", "2", "--export_final_model", "false", "--disable_tqdm", "true"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=280)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher's ranks too
-        log, _ = proc.communicate()
-        pytest.fail("accelerate launch did not finish in 280 s:\n" + log[-4000:])
-    assert proc.returncode == 0, log[-4000:]
+    log = launch(["accelerate", "launch", "--config_file", path, "--main_process_port", str(free_port()),
+                  os.path.join(ROOT, "recipes", "finetune_classification.py"), "--output_dir", str(out),
+                  "--max_steps", "2", "--num_stages", "2", "--export_final_model", "false", "--disable_tqdm", "true"])
     for line in ("gradient_accumulation_steps    = 2            (env ACCELERATE_GRADIENT_ACCUMULATION_STEPS)",
                  "bf16                           = True         (env ACCELERATE_MIXED_PRECISION)",
                  "zero_stage                     = 1            (env ACCELERATE_DEEPSPEED_ZERO_STAGE)",
