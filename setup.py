@@ -19,6 +19,7 @@ setup(
         "datasets>=3.0",
         "evaluate>=0.4",
         "safetensors>=0.4",
+        "peft>=0.21",
         "huggingface_hub>=1.0",
         "tqdm",
     ],

@@ -16,10 +16,11 @@ import torch
 from deepspeed.pipe import PipelineModule, TiedLayerSpec
 from torch import nn
 
+from hfpipe.core import lora
 from hfpipe.core.builder import LayerInfo, PipelineBuilder, prepare, stage_parts
 from hfpipe.core.dsconfig import validate_pipeline_ds_config
 from hfpipe.core.heads import PipelineLoss
-from hfpipe.core.layers import pack_boundary, unpack_boundary
+from hfpipe.core.layers import LayerKind, pack_boundary, unpack_boundary
 
 
 class HFPipelineModule(PipelineModule):
@@ -30,6 +31,8 @@ class HFPipelineModule(PipelineModule):
         self.layer_infos = infos
         self._hfpipe_parts = parts
         super().__init__(layers=[i.spec for i in infos], partition_method="hfpipe", **kwargs)
+        # LoRA hook (no-op without LoRA): embedding outputs require grad; a stage with nothing to train says so
+        lora.mark_stage(self, [m for _, m, _ in self.local_layers() if m.kind is LayerKind.EMBEDDING])
 
     def _partition_layers(self, method="hfpipe"):
         self.parts = list(self._hfpipe_parts)
@@ -41,6 +44,19 @@ class HFPipelineModule(PipelineModule):
         (``LayerTraits.checkpointable``: blocks, never the embedding). DeepSpeed's own rule matches class names
         against ``checkpointable_layers``, which missed every block class not named ``Block`` (DeBERTa's)."""
         return all(getattr(f, "checkpointable", False) for f in funcs)
+
+    def get_tied_weights_and_groups(self):
+        """DeepSpeed's tied weights, without frozen ones (a LoRA base embedding): the engine all-reduces each tied
+        weight's gradient (``_hp_grad`` under bf16, which a frozen weight never gets; cf. DeepSpeed PR #5477)."""
+        return [(w, g) for w, g in super().get_tied_weights_and_groups() if w.requires_grad]
+
+    def allreduce_tied_weight_gradients(self):
+        """DeepSpeed's all-reduce of tied gradients, skipping frozen tied weights (no gradient to reduce)."""
+        import torch.distributed as dist
+
+        for weight, group in self.get_tied_weights_and_groups():
+            if weight.grad is not None:
+                dist.all_reduce(weight.grad, group=group)
 
     def forward(self, forward_input):
         """DeepSpeed's stage forward, with the boundary tuple packed into one tensor between stages
@@ -116,7 +132,7 @@ def to_pipeline(model, *, num_stages: int | None = None, topology=None, partitio
                 activation_checkpoint_interval: int = 0, model_class=None, dtype: torch.dtype | None = None,
                 seed: int | None = 1234, loss_fn=None, seq_len: int | None = None, micro_batch_size: int = 1,
                 layer_costs: Sequence[float] | None = None, loss_chunk_tokens: int | None = None,
-                **pipeline_kwargs) -> HFPipelineModule:
+                peft_config=None, **pipeline_kwargs) -> HFPipelineModule:
     """Convert an HF model into a ``deepspeed.pipe.PipelineModule``.
 
     Args:
@@ -140,12 +156,16 @@ def to_pipeline(model, *, num_stages: int | None = None, topology=None, partitio
             logits recomputed in backward, so the full ``tokens x vocab`` logits (and their fp32 copy) never exist
             (``hfpipe.core.heads.ChunkedLogits``; same loss as HF up to float summation order). ``None``: HF's loss on
             full logits. Evaluation and generation still return full logits.
+        peft_config: a ``peft.LoraConfig``: each stage wraps its own layers with PEFT's LoRA layers
+            (``hfpipe.core.lora``; targets and ``modules_to_save`` resolved by PEFT for the whole model), the base
+            weights frozen; LoRA initialised as PEFT does under the per-layer ``seed``. A ``peft.PeftModel`` as
+            ``model`` does the same with its own config and starts from its adapter weights.
 
     ``torch.distributed`` is initialised through ``deepspeed.init_distributed()`` if it is not yet (gloo on CPU).
     """
     if num_stages is None and topology is None:
         raise ValueError("to_pipeline needs num_stages= (or a DeepSpeed topology=).")
-    builder = prepare(model, model_class, seed=seed)
+    builder = prepare(model, model_class, seed=seed, peft_config=peft_config)
     builder.chunk_loss(loss_chunk_tokens)  # before the split: "balanced" costs the chunked head
     infos = builder.layers()
     stages = num_stages if num_stages is not None else topology.get_dim("pipe")

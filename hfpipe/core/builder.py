@@ -19,6 +19,7 @@ from typing import Any, Sequence
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from torch import nn
 
+from hfpipe.core import lora as lora_lib
 from hfpipe.core import partition as partition_lib
 from hfpipe.core.adapters import get_adapter
 from hfpipe.core.costs import default_seq_len, layer_costs as estimate_costs
@@ -74,6 +75,8 @@ class PipelineBuilder:
         self.half_blocks = supports_half_blocks(adapter)
         #: causal LM: the training loss runs over this many tokens at a time (``hfpipe.core.heads.ChunkedLogits``)
         self.loss_chunk_tokens: int | None = None
+        #: LoRA hook: PEFT's resolved plan (``hfpipe.core.lora.plan``) that every layer applies to itself, or None
+        self.lora: lora_lib.LoraPlan | None = None
 
     def chunk_loss(self, loss_chunk_tokens: int | None) -> None:
         """Set ``loss_chunk_tokens`` (causal LM only; see ``to_pipeline``), or leave full logits with ``None``."""
@@ -210,14 +213,19 @@ def resolve_model(model, model_class=None):
     raise TypeError(f"to_pipeline expects a PreTrainedModel, a PretrainedConfig or a path; got {type(model).__name__}.")
 
 
-def prepare(model, model_class=None, *, seed: int | None = 1234, device="cpu", source=None):
-    """The builder for ``model`` without touching torch.distributed (used by ``to_pipeline`` and ``plan``)."""
+def prepare(model, model_class=None, *, seed: int | None = 1234, device="cpu", source=None, peft_config=None):
+    """The builder for ``model`` without touching torch.distributed (used by ``to_pipeline`` and ``plan``).
+
+    LoRA hook: ``peft_config`` (a ``peft.LoraConfig``) or a ``PeftModel`` as ``model`` gives the builder PEFT's plan
+    (``hfpipe.core.lora``); a PeftModel's own weights, adapter included, are the source."""
+    model, peft_config, peft_source = lora_lib.split_peft_model(model, peft_config)
     config, model_class, found_source = resolve_model(model, model_class)
     meta = build_meta_model(config, model_class)
     adapter = get_adapter(meta.config, model_class, meta)
     head = head_for_class(model_class)
-    source = source if source is not None else found_source
+    source = next((s for s in (source, peft_source, found_source) if s is not None), None)
     builder = PipelineBuilder(adapter, head, source, seed=seed, device=device)
+    builder.lora = lora_lib.plan(adapter.meta_model, peft_config)
     if source is not None:
         source.bind(builder)
     return builder

@@ -20,6 +20,7 @@ from transformers.loss.loss_utils import (ForCausalLMLoss, ForSequenceClassifica
                                           fixed_cross_entropy)
 from transformers.models.auto import modeling_auto
 
+from hfpipe.core import lora
 from hfpipe.core.meta import UnsupportedModelError, copy_without, materialize
 from hfpipe.core.layers import LayerKind, LayerTraits, PipeLayer
 
@@ -45,6 +46,8 @@ class HeadSpec:
     pools_last_token: bool = False
     #: The Hub's ``pipeline_tag`` for this task.
     pipeline_tag: str | None = None
+    #: PEFT's ``task_type`` for this head (``SEQ_CLS`` makes PEFT train the classifier in full: ``modules_to_save``).
+    peft_task_type: str | None = None
 
     def __repr__(self) -> str:
         return f"<head {self.name}>"
@@ -68,6 +71,7 @@ class HeadSpec:
 
 class CausalLMHead(HeadSpec):
     name, token_level, causal, per_token_labels, pipeline_tag = "causal-lm", True, True, True, "text-generation"
+    peft_task_type = "CAUSAL_LM"
 
     def loss(self, outputs, labels, norm, config):
         return ForCausalLMLoss(outputs, labels[0], vocab_size=outputs.shape[-1], num_items_in_batch=norm)
@@ -81,7 +85,7 @@ class CausalLMHead(HeadSpec):
 
 class SequenceClassificationHead(HeadSpec):
     name, uses_pooler, pools_last_token = "sequence-classification", True, True
-    pipeline_tag = "text-classification"
+    pipeline_tag, peft_task_type = "text-classification", "SEQ_CLS"
 
     def loss(self, outputs, labels, norm, config):
         return ForSequenceClassificationLoss(labels[0], outputs, config)
@@ -94,6 +98,7 @@ class SequenceClassificationHead(HeadSpec):
 
 class TokenClassificationHead(HeadSpec):
     name, token_level, per_token_labels, pipeline_tag = "token-classification", True, True, "token-classification"
+    peft_task_type = "TOKEN_CLS"
 
     def loss(self, outputs, labels, norm, config):
         return ForTokenClassification(outputs, labels[0], config, num_items_in_batch=norm)
@@ -109,7 +114,7 @@ class TokenClassificationHead(HeadSpec):
 
 class QuestionAnsweringHead(HeadSpec):
     name, label_names, token_level = "question-answering", ("start_positions", "end_positions"), True
-    pipeline_tag = "question-answering"
+    pipeline_tag, peft_task_type = "question-answering", "QUESTION_ANS"
 
     def outputs(self, out):
         return (out.start_logits, out.end_logits)
@@ -243,10 +248,12 @@ class Head(PipeLayer):
         setattr(shell, self.adapter.base_prefix, None)
         self.shell = materialize(shell, builder.init_owner, builder.source, _names(shell),
                                  seed=builder.layer_seed(index), device=builder.device)
+        self.shell = lora.wrap(self.shell, builder, "", index)  # LoRA hook: modules_to_save heads; no-op without
         setattr(self.shell, self.adapter.base_prefix, stub)
 
     def hf_names(self):
-        return {f"shell.{k}": v for k, v in _names(self.shell).items() if not k.startswith(self.adapter.base_prefix)}
+        return {f"shell.{k}": lora.hf_key(v) for k, v in _names(self.shell).items()
+                if not k.startswith(self.adapter.base_prefix)}
 
     def forward(self, inputs):
         if defers_logits(self.builder):

@@ -21,15 +21,17 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from hfpipe.core import lora
 from hfpipe.core.meta import copy_without, materialize
 
 
 def _prefixed(module: nn.Module, local_prefix: str, hf_prefix: str) -> dict[str, str]:
     names = {}
+    # LoRA hook: names inside PEFT-wrapped modules map to HF names (base weights) or PEFT keys (adapters)
     for name, _ in module.named_parameters():
-        names[f"{local_prefix}{name}"] = f"{hf_prefix}{name}"
+        names[f"{local_prefix}{name}"] = lora.hf_key(f"{hf_prefix}{name}")
     for name, _ in module.named_buffers():
-        names[f"{local_prefix}{name}"] = f"{hf_prefix}{name}"
+        names[f"{local_prefix}{name}"] = lora.hf_key(f"{hf_prefix}{name}")
     return names
 
 
@@ -103,8 +105,9 @@ class PipeLayer(LayerTraits, nn.Module):
 
     def _materialize(self, meta_module: nn.Module, local_prefix: str, hf_prefix: str) -> nn.Module:
         names = {k[len(local_prefix):]: v for k, v in _prefixed(meta_module, local_prefix, hf_prefix).items()}
-        return materialize(meta_module, self.builder.init_owner, self.builder.source, names,
-                           seed=self.builder.layer_seed(self.index), device=self.builder.device)
+        module = materialize(meta_module, self.builder.init_owner, self.builder.source, names,
+                             seed=self.builder.layer_seed(self.index), device=self.builder.device)
+        return lora.wrap(module, self.builder, hf_prefix, self.index)  # LoRA hook: no-op without a LoRA plan
 
     def hf_names(self) -> dict[str, str]:
         raise NotImplementedError
