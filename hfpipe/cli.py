@@ -43,14 +43,28 @@ def _verify(p: argparse.ArgumentParser):
     p.add_argument("--padding", choices=["right", "left"], default="right")
     p.add_argument("--inputs", help="a .pt or .json dict of input_ids, attention_mask and label fields")
     p.add_argument("--json", action="store_true", help="print the report as JSON on the last line")
+    p.add_argument("--lora-r", type=int, help="compare with peft.get_peft_model(model, LoraConfig(r=R, ...)): loss and "
+                   "every trainable gradient")
+    p.add_argument("--lora-alpha", type=int, help="LoRA alpha (PEFT's default: 8)")
+    p.add_argument("--lora-target-modules", help="comma-separated module names (q_proj,v_proj) or all-linear; "
+                   "default: PEFT's default target modules for the model type")
 
     def run(args) -> int:
         from hfpipe.verify import format_report, verify_dir
 
+        lora = None
+        if args.lora_r is not None:
+            from peft import LoraConfig
+
+            targets = args.lora_target_modules
+            if targets and targets != "all-linear":
+                targets = [t for t in targets.split(",") if t]
+            kwargs = {} if args.lora_alpha is None else {"lora_alpha": args.lora_alpha}
+            lora = LoraConfig(r=args.lora_r, target_modules=targets or None, **kwargs)
         report = verify_dir(args.model, stages=args.stages, micro_batches=args.micro_batches,
                             batch_size=args.batch_size, seq_len=args.seq_len, dp=args.dp, dtype=args.dtype,
                             partition=parse_partition_method(args.partition), padding=args.padding,
-                            inputs=args.inputs)
+                            inputs=args.inputs, lora=lora)
         print(format_report(report))
         if args.json:
             _print_json_last(report)

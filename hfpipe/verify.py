@@ -12,6 +12,12 @@ function. Pass criteria: fp32 -- relative loss error and ``max_rel_grad_err`` (m
 gradients that are zero in exact arithmetic, such as an attention key bias or a QA output bias, do not divide round-off by round-off)
 both <= 1e-5; bf16 -- both <= 2e-2 (bf16 keeps 8 bits of mantissa and the
 pipeline sums micro-batch gradients in a different order than one big batch).
+
+With ``lora=LoraConfig(...)`` the HF side is ``peft.get_peft_model(model, lora)`` (built under the spec's seed with
+``init_lora_weights=False``, so that B is not zero and every LoRA gradient is non-trivial) and the pipeline is built
+from that ``PeftModel`` (same adapter weights). Compared: loss, logits and every *trainable* gradient, by PEFT's
+state-dict keys; the set of trainable parameters and their element count (what reaches the optimizer) must match
+PEFT's too.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch
 from hfpipe.core.batches import make_batch
 from hfpipe.core.batches import micro_batches as split
 from hfpipe.core.heads import head_for_class
+from hfpipe.core.lora import hf_key, trainable_count
 from hfpipe.launch import DistributedPool
 from hfpipe.pipeline import to_pipeline
 
@@ -115,6 +122,27 @@ def load_inputs(path: str) -> dict[str, torch.Tensor]:
     return data
 
 
+def with_lora(model, lora, seed: int):
+    """``model`` itself, or ``peft.get_peft_model(model, lora)`` with a seeded, non-zero adapter (see the module
+    docstring)."""
+    if lora is None:
+        return model
+    import dataclasses
+
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    return get_peft_model(model, dataclasses.replace(lora, init_lora_weights=False))
+
+
+def trainable_named_parameters(model, lora) -> list:
+    """``(name, parameter)`` compared by verify: all parameters by HF name, or with LoRA the trainable ones of the
+    ``PeftModel`` by PEFT's state-dict keys (``hfpipe.core.lora.hf_key``)."""
+    if lora is None:
+        return list(model.named_parameters())
+    return [(hf_key(n), p) for n, p in model.get_base_model().named_parameters() if p.requires_grad]
+
+
 # ------------------------------------------------------------------------------------------------------ per rank
 class GradRecorder(torch.optim.Optimizer):
     """An optimizer that records each parameter's gradient when DeepSpeed steps (and changes nothing)."""
@@ -137,16 +165,19 @@ def ds_config(batch_size: int, micro_batches: int, dp: int) -> dict:
 
 
 def rank_step(spec: ModelSpec, batch: dict, stages: int, micro_batches: int, partition="parameters",
-              activation_checkpoint_interval: int = 0) -> dict:
+              activation_checkpoint_interval: int = 0, lora=None) -> dict:
     """Runs on every rank: one eval pass (logits) and one train step (loss, gradients) through the pipeline."""
     import deepspeed
     import torch.distributed as dist
 
-    model = spec.build()
+    model = with_lora(spec.build(), lora, spec.seed)
     pipe = to_pipeline(model, num_stages=stages, partition_method=partition,
                        activation_checkpoint_interval=activation_checkpoint_interval)
     del model
-    recorder = GradRecorder(pipe.parameters())
+    # with LoRA only the trainable parameters, as hfpipe.initialize passes them (all of them on a stage that trains
+    # nothing: an optimizer needs at least one parameter; frozen ones get no gradient to record)
+    trainable = [p for p in pipe.parameters() if p.requires_grad] if lora is not None else []
+    recorder = GradRecorder(trainable or pipe.parameters())
     dp = dist.get_world_size() // stages
     batch_size = batch["input_ids"].shape[0]
     engine, *_ = deepspeed.initialize(model=pipe, optimizer=recorder, config=ds_config(batch_size, micro_batches, dp))
@@ -162,25 +193,27 @@ def rank_step(spec: ModelSpec, batch: dict, stages: int, micro_batches: int, par
         else:
             result["logits"] = torch.cat(list(outputs)).float()
     if dp_rank == 0:
-        result["grads"] = {name: recorder.grads[id(p)].float() for name, p in pipe.hf_named_parameters()
-                           if id(p) in recorder.grads}
-        result["params"] = [name for name, _ in pipe.hf_named_parameters()]
+        named = [(n, p) for n, p in pipe.hf_named_parameters() if lora is None or p.requires_grad]
+        result["grads"] = {name: recorder.grads[id(p)].float() for name, p in named if id(p) in recorder.grads}
+        result["params"] = [name for name, _ in named]
+        result["trainable"] = trainable_count(pipe)
     del engine, pipe
     return result
 
 
 # -------------------------------------------------------------------------------------------------------- compare
-def reference(spec: ModelSpec, batch: dict) -> dict:
-    """The HF model on the whole batch: loss, logits, gradients by name."""
-    model = spec.build()
-    head = head_for_class(type(model))
+def reference(spec: ModelSpec, batch: dict, lora=None) -> dict:
+    """The HF model (or its ``PeftModel``) on the whole batch: loss, logits, gradients by name."""
+    model = with_lora(spec.build(), lora, spec.seed)
+    head = head_for_class(spec.model_class())
     out = model(**batch)
     out.loss.backward()
     logits = head.outputs(out)
     logits = tuple(t.float() for t in logits) if isinstance(logits, tuple) else logits.float()
-    grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
-    return {"loss": float(out.loss.detach()), "logits": logits, "grads": grads,
-            "params": [n for n, _ in model.named_parameters()], "head": head.name}
+    named = trainable_named_parameters(model, lora)
+    grads = {n: p.grad.float() for n, p in named if p.grad is not None}
+    return {"loss": float(out.loss.detach()), "logits": logits, "grads": grads, "params": [n for n, _ in named],
+            "head": head.name, "trainable": None if lora is None else trainable_count(model)}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
@@ -231,36 +264,53 @@ def compare(ref: dict, per_rank: list[dict], dtype: str = "fp32") -> dict:
     logits_abs = max(float((a - b).abs().max()) for a, b in zip(logits, ref_logits))
     logits_rel = max(_rel(a, b) for a, b in zip(logits, ref_logits))
     passed = loss_rel <= tol and max_rel <= tol and logits_rel <= tol
-    return {"passed": bool(passed), "loss_hf": ref["loss"], "loss_pipeline": loss_pipe, "loss_rel_err": loss_rel,
-            "max_rel_grad_err": max_rel, "logits_max_abs_err": logits_abs, "logits_rel_err": logits_rel,
-            "tolerance": tol, "num_params": len(rows), "parts": per_rank[0]["parts"],
-            "worst": sorted(rows, key=lambda r: -r["rel_err"])[:5]}
+    # parameters (elements) that reach the optimizer: every stage's trainable ones, once per pipeline
+    trainable = sum(r.get("trainable", 0) for r in per_rank if r["dp_rank"] == 0)
+    passed = passed and ref.get("trainable") in (None, trainable)  # LoRA: as many as PEFT trains
+    return {"passed": bool(passed), "loss_hf": ref["loss"],
+            "loss_pipeline": loss_pipe, "loss_rel_err": loss_rel, "max_rel_grad_err": max_rel,
+            "logits_max_abs_err": logits_abs, "logits_rel_err": logits_rel, "tolerance": tol,
+            "num_params": len(rows), "trainable_hf": ref.get("trainable"), "trainable_pipeline": trainable,
+            "parts": per_rank[0]["parts"], "worst": sorted(rows, key=lambda r: -r["rel_err"])[:5]}
 
 
 def verify(spec: ModelSpec, *, stages: int, micro_batches: int = 4, batch_size: int = 8, seq_len: int = 16,
            dp: int = 1, partition="parameters", activation_checkpoint_interval: int = 0, batch: dict | None = None,
-           padding: str = "right", pool=None) -> dict:
+           padding: str = "right", pool=None, lora=None) -> dict:
     """Run the comparison; ``pool`` (a :class:`hfpipe.launch.DistributedPool` of ``stages*dp`` ranks) is created
-    and closed here when not given."""
+    and closed here when not given. ``lora``: a ``peft.LoraConfig`` (its ``task_type`` defaults to the head's, so
+    that PEFT trains a classification head in full)."""
+    head = head_for_class(spec.model_class())
     if batch is None:
-        head = head_for_class(spec.model_class())
         batch = make_batch(spec.hf_config(), head, batch_size, seq_len, padding=padding)
-    ref = reference(spec, batch)
+    if lora is not None and lora.task_type is None:
+        import dataclasses
+
+        lora = dataclasses.replace(lora, task_type=head.peft_task_type)
+    ref = reference(spec, batch, lora)
     own = pool is None
     if own:
         pool = DistributedPool(stages * dp)
     try:
         if pool.world_size != stages * dp:
             raise ValueError(f"pool has {pool.world_size} ranks, the run needs stages x dp = {stages * dp}.")
-        per_rank = pool.run(rank_step, spec, batch, stages, micro_batches, partition, activation_checkpoint_interval)
+        per_rank = pool.run(rank_step, spec, batch, stages, micro_batches, partition, activation_checkpoint_interval,
+                            lora)
     finally:
         if own:
             pool.close()
     report = compare(ref, per_rank, spec.dtype)
     report.update({"stages": stages, "dp": dp, "micro_batches": micro_batches, "dtype": spec.dtype,
                    "batch_size": int(batch["input_ids"].shape[0]), "seq_len": int(batch["input_ids"].shape[1]),
-                   "model": spec.path or spec.class_name})
+                   "model": spec.path or spec.class_name, "lora": None if lora is None else lora_summary(lora)})
     return report
+
+
+def lora_summary(lora) -> dict:
+    """The LoRA settings a report names (JSON-friendly)."""
+    targets = lora.target_modules
+    return {"r": lora.r, "lora_alpha": lora.lora_alpha, "task_type": lora.task_type,
+            "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets}
 
 
 def format_report(report: dict) -> str:
@@ -274,6 +324,11 @@ def format_report(report: dict) -> str:
         f"{'last-stage logits (max abs ' + format(report['logits_max_abs_err'], '.1e') + ')':<62}"
         f"{report['logits_rel_err']:>12.2e}",
         f"{'gradients (max over ' + str(report['num_params']) + ' params)':<62}{report['max_rel_grad_err']:>12.2e}",
+    ]
+    if report.get("lora"):
+        lines.append(f"lora {report['lora']}: trainable parameters pipeline {report['trainable_pipeline']}, "
+                     f"peft {report['trainable_hf']}")
+    lines += [
         "",
         "worst gradients:",
     ]
