@@ -209,7 +209,7 @@ def reference(spec: ModelSpec, batch: dict, lora=None) -> dict:
     out = model(**batch)
     out.loss.backward()
     logits = head.outputs(out)
-    logits = tuple(t.float() for t in logits) if isinstance(logits, tuple) else logits.float()
+    logits = tuple(t.detach().float() for t in logits) if isinstance(logits, tuple) else logits.detach().float()
     named = trainable_named_parameters(model, lora)
     grads = {n: p.grad.float() for n, p in named if p.grad is not None}
     return {"loss": float(out.loss.detach()), "logits": logits, "grads": grads, "params": [n for n, _ in named],

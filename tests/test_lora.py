@@ -62,6 +62,14 @@ def test_lora_matches_peft(dist_pool, case):
             assert report["num_params"] == 4 * 2 * 2 + 2  # A/B of query and value in 4 blocks + classifier w, b
 
 
+def test_lora_bf16_within_bf16_tolerance(dist_pool):
+    spec = model_spec("llama", "sequence-classification")
+    spec.dtype = "bf16"
+    report = verify(spec, stages=2, micro_batches=2, batch_size=4, seq_len=10, pool=dist_pool(2),
+                    lora=LoraConfig(r=8))
+    assert report["passed"] and report["tolerance"] == 2e-2, format_report(report)
+
+
 # ------------------------------------------------------------------------------------- engine: init, optimizer
 def _engine_step(model_type, overrides, lora_kwargs, stages, bf16):
     """peft_config= path through hfpipe.initialize: initial adapter, optimizer size, one AdamW step."""
