@@ -8,7 +8,6 @@ traceback of the rank that failed.
 
 from __future__ import annotations
 
-import functools
 import gc
 import os
 import queue
@@ -133,17 +132,11 @@ class DistributedPool:
 
     def run(self, fn, *args, **kwargs) -> list:
         """Run ``fn(*args, **kwargs)`` on every rank; return the per-rank results (index = rank)."""
-        return self.submit(fn, *args, **kwargs)()
-
-    def submit(self, fn, *args, **kwargs):
-        """Start ``fn(*args, **kwargs)`` on every rank and return at once; calling the returned function waits for
-        the per-rank results (call it exactly once: the pool runs one job at a time). Lets the caller work while the
-        ranks do (``hfpipe verify`` runs the HF reference meanwhile)."""
         if not self.alive:
             raise RankError("the pool is closed (an earlier case failed); create a new one.")
         for q in self._jobs:
             q.put((fn, args, kwargs))
-        return functools.partial(self._collect, getattr(fn, "__name__", "job"))
+        return self._collect(getattr(fn, "__name__", "job"))
 
     def close(self, force: bool = False) -> None:
         for p, q in zip(self._procs, self._jobs):
