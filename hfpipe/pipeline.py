@@ -18,7 +18,7 @@ from torch import nn
 
 from hfpipe.core import lora
 from hfpipe.core.builder import LayerInfo, PipelineBuilder, prepare, stage_parts
-from hfpipe.core.dsconfig import validate_pipeline_ds_config
+from hfpipe.core.dsconfig import check_stages_divide, validate_pipeline_ds_config
 from hfpipe.core.heads import PipelineLoss
 from hfpipe.core.layers import LayerKind, pack_boundary, unpack_boundary
 
@@ -175,9 +175,8 @@ def to_pipeline(model, *, num_stages: int | None = None, topology=None, partitio
     import torch.distributed as dist
 
     world = dist.get_world_size()
-    if topology is None and world % stages:
-        raise ValueError(f"num_stages={stages} must divide the world size {world} (the rest is data parallelism); "
-                         f"launch a multiple of {stages} processes.")
+    if topology is None:
+        check_stages_divide(stages, world)
     pipe = HFPipelineModule(builder, infos, parts, num_stages=num_stages, topology=topology,
                             loss_fn=loss_fn or PipelineLoss(builder.head, builder.adapter.config),
                             activation_checkpoint_interval=activation_checkpoint_interval, **pipeline_kwargs)

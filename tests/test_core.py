@@ -37,3 +37,20 @@ def test_unknown_model_type_lists_supported_and_how_to_register():
     config = transformers.AutoConfig.for_model("t5", vocab_size=128, d_model=32, d_ff=64, num_layers=2, num_heads=4)
     with pytest.raises(UnsupportedModelError, match=r"'t5' is not supported.*llama.*register_adapter"):
         prepare(config, transformers.T5EncoderModel)
+
+
+def _to_pipeline_error(num_stages: int) -> str:
+    from hfpipe import to_pipeline
+
+    try:
+        to_pipeline(tiny_config("llama"), model_class=transformers.AutoModelForCausalLM, num_stages=num_stages)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_to_pipeline_stages_must_divide_the_world(dist_pool):
+    """Before any engine or layer exists: 3 stages on 2 processes is one clear line on every rank."""
+    errors = dist_pool(2).run(_to_pipeline_error, 3)
+    assert errors[0] == errors[1] and "num_stages=3 does not divide the 2 processes" in errors[0], errors
+    assert "launch a multiple of 3 processes" in errors[0]

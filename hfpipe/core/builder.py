@@ -171,7 +171,7 @@ def compute_parts(method, infos: Sequence[LayerInfo], num_stages: int, num_block
             cut_allowed = [c and i.layer.starts_block for c, i in zip(cut_allowed, infos)]
         return partition_lib.balanced(costs, num_stages, cut_allowed)
     raise ValueError(
-        f"partition_method={method!r} is not supported; use 'balanced', 'balanced:blocks', 'parameters', 'uniform', "
+        f"partition_method={method!r} is not supported; use one of {', '.join(map(repr, partition_lib.METHODS))}, "
         "'type:<regex>' or a list of the first layer index of each stage (e.g. [0, 5, 9])."
     )
 
