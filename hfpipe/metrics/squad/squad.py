@@ -62,18 +62,19 @@ def score(predictions: dict, references: dict) -> dict:
     return {"exact_match": 100.0 * exact_match / total, "f1": 100.0 * f1 / total}
 
 
+#: the SQuAD schema of one prediction and one reference (v2.0 adds ``no_answer_probability`` to predictions)
+PREDICTION = {"id": datasets.Value("string"), "prediction_text": datasets.Value("string")}
+REFERENCE = {"id": datasets.Value("string"),
+             "answers": datasets.Sequence({"text": datasets.Value("string"), "answer_start": datasets.Value("int32")})}
+
+
 class Squad(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
             description="SQuAD v1.1 exact match and F1 (official scoring).",
             citation="Rajpurkar et al., SQuAD: 100,000+ Questions for Machine Comprehension of Text, 2016.",
             inputs_description=_KWARGS,
-            features=datasets.Features({
-                "predictions": {"id": datasets.Value("string"), "prediction_text": datasets.Value("string")},
-                "references": {"id": datasets.Value("string"),
-                               "answers": datasets.Sequence({"text": datasets.Value("string"),
-                                                             "answer_start": datasets.Value("int32")})},
-            }),
+            features=datasets.Features({"predictions": PREDICTION, "references": REFERENCE}),
         )
 
     def _compute(self, predictions, references):

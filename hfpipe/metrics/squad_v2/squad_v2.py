@@ -13,7 +13,7 @@ from collections import Counter
 import datasets
 import evaluate
 
-from hfpipe.metrics.squad.squad import normalize_answer  # v2.0 normalises answers exactly as v1.1
+from hfpipe.metrics.squad.squad import PREDICTION, REFERENCE, normalize_answer  # v2.0 normalises as v1.1
 
 _KWARGS = """
 predictions: list of {"id": str, "prediction_text": str, "no_answer_probability": float}.
@@ -116,12 +116,8 @@ class SquadV2(evaluate.Metric):
             citation="Rajpurkar et al., Know What You Don't Know: Unanswerable Questions for SQuAD, 2018.",
             inputs_description=_KWARGS,
             features=datasets.Features({
-                "predictions": {"id": datasets.Value("string"), "prediction_text": datasets.Value("string"),
-                                "no_answer_probability": datasets.Value("float32")},
-                "references": {"id": datasets.Value("string"),
-                               "answers": datasets.Sequence({"text": datasets.Value("string"),
-                                                             "answer_start": datasets.Value("int32")})},
-            }),
+                "predictions": {**PREDICTION, "no_answer_probability": datasets.Value("float32")},
+                "references": REFERENCE}),
         )
 
     def _compute(self, predictions, references, no_answer_threshold=1.0):
