@@ -1,20 +1,30 @@
-"""hfpipe: train Hugging Face models with DeepSpeed pipeline parallelism, no layer specs written by hand."""
+"""hfpipe: train Hugging Face models with DeepSpeed pipeline parallelism, no layer specs written by hand.
 
-from hfpipe._version import __version__  # noqa: E402
+The public names load on first use (PEP 562), so ``import hfpipe`` -- and the ``hfpipe`` command, whose modules sit
+below this package -- does not pay for torch, transformers and DeepSpeed until a name that needs them is used.
+"""
 
-from hfpipe.core.adapters import Adapter, UnsupportedModelError, register_adapter, supported_families  # noqa: E402
-from hfpipe.core.batches import micro_batches  # noqa: E402
-from hfpipe.pipeline import HFPipelineModule, initialize, to_pipeline  # noqa: E402
+import importlib
 
-__all__ = ["Adapter", "HFPipelineModule", "PipelineTrainer", "PipelineTrainingArguments", "UnsupportedModelError",
-           "initialize", "micro_batches", "register_adapter", "supported_families", "to_pipeline", "__version__"]
+from hfpipe._version import __version__
 
-_LAZY = {"PipelineTrainer": "hfpipe.training.trainer", "PipelineTrainingArguments": "hfpipe.training.arguments"}
+_LAZY = {
+    "Adapter": "hfpipe.core.adapters", "UnsupportedModelError": "hfpipe.core.adapters",
+    "register_adapter": "hfpipe.core.adapters", "supported_families": "hfpipe.core.adapters",
+    "micro_batches": "hfpipe.core.batches",
+    "HFPipelineModule": "hfpipe.pipeline", "initialize": "hfpipe.pipeline", "to_pipeline": "hfpipe.pipeline",
+    "PipelineTrainer": "hfpipe.training.trainer", "PipelineTrainingArguments": "hfpipe.training.arguments",
+}
+__all__ = [*_LAZY, "__version__"]
 
 
-def __getattr__(name):  # the trainer pulls in tqdm, tensorboard, ...: import it on first use
+def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
     raise AttributeError(f"module 'hfpipe' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

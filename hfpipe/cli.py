@@ -141,7 +141,7 @@ def _ds_config(p: argparse.ArgumentParser):
     p.add_argument("--deepspeed", help="DeepSpeed JSON")
     p.add_argument("--world-size", type=int, default=None,
                    help="processes (default: Accelerate's num_processes, else $WORLD_SIZE, else one replica)")
-    p.add_argument("--json", action="store_true", help="print only the DeepSpeed JSON, on one line (the last)")
+    p.add_argument("--json", action="store_true", help="print the DeepSpeed JSON on one line (the last)")
     p.set_defaults(_extra_args=True)
 
     def run(args) -> int:
@@ -152,12 +152,12 @@ def _ds_config(p: argparse.ArgumentParser):
         ds, sources, world, world_src = describe(argv, world_size=args.world_size)
         if args.json:
             _print_json_last(ds)
-        else:
-            print(json.dumps(ds, indent=2))
-            stages = ds["pipeline"]["stages"]
-            print(f"\nworld size {world} ({world_src}) = {stages} stages x {world // stages} data-parallel replicas"
-                  "\nwhere each value comes from (command line > Accelerate > DeepSpeed JSON > defaults):\n"
-                  + format_sources(ds, sources))
+            return 0
+        print(json.dumps(ds, indent=2))  # stdout: the config alone (`hfpipe ds-config ... > ds_config.json`)
+        stages = ds["pipeline"]["stages"]
+        print(f"world size {world} ({world_src}) = {stages} stages x {world // stages} data-parallel replicas"
+              "\nwhere each value comes from (command line > Accelerate > DeepSpeed JSON > defaults):\n"
+              + format_sources(ds, sources), file=sys.stderr)
         return 0
 
     return run
@@ -276,12 +276,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _libraries_log_to_stderr() -> None:
+    """Import DeepSpeed with stdout pointed at stderr: its logger binds its handler to the ``sys.stdout`` of that
+    moment, so its messages (the accelerator notice at import, engine logs) stay off stdout, which carries only the
+    command's own output (``hfpipe ds-config > cfg.json``, ``--json`` reports). Only after parsing, so ``--help``
+    stays instant."""
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):
+        import deepspeed  # noqa: F401
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "_extra_args", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
+    _libraries_log_to_stderr()
     try:
         return int(args._run(args) or 0)
     except (ValueError, FileNotFoundError, KeyError) as exc:  # user errors: one clear line, no traceback

@@ -246,8 +246,9 @@ def test_ds_config_cli_prints_config_and_sources(tmp_path, capsys):
     path = write_yaml(tmp_path, "bf16", {"zero_stage": 1, "gradient_accumulation_steps": 4}, num_processes=4)
     assert main(["ds-config", "--accelerate-config", path, "--per_device_train_batch_size", "2",
                  "--learning_rate", "1e-4", "--deepspeed", os.path.join(ROOT, "ds_configs", "bf16_zero1.json")]) == 0
-    out = capsys.readouterr().out
-    ds = json.loads(out[:out.index("\nworld size")])
+    captured = capsys.readouterr()
+    ds = json.loads(captured.out)  # stdout is the config alone; where each value comes from goes to stderr
+    out = captured.err
     assert ds["train_batch_size"] == 2 * 4 * 2 and ds["optimizer"]["params"]["lr"] == 1e-4
     assert ds["bf16"]["enabled"] is True and ds["zero_optimization"]["stage"] == 1
     assert f"world size 4 (accelerate config {path}) = 2 stages x 2 data-parallel replicas" in out
@@ -291,3 +292,21 @@ def test_accelerate_launch_runs_a_recipe_at_p2(tmp_path):
     assert saved["config"]["train_batch_size"] == 8 * 2 * 1  # recipe micro batch 8 x 2 micro-batches x 1 replica
     train = json.loads((out / "train_results.json").read_text())
     assert train["global_step"] == 2 and 0.0 < train["train_loss"] < 2.0
+
+
+@pytest.mark.launches
+def test_cli_stdout_holds_only_the_output(tmp_path):
+    """As a user runs it: `hfpipe ds-config > cfg.json` writes valid JSON (DeepSpeed's import-time notices and the
+    sources table go to stderr), and `hfpipe --help` answers without importing torch or DeepSpeed."""
+    import subprocess
+    import sys
+
+    run = dict(capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "hfpipe.cli", "ds-config", "--bf16"], **run)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["bf16"]["enabled"] is True
+    assert "where each value comes from" in proc.stderr
+    code = ("import sys, hfpipe.cli\ntry:\n    hfpipe.cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], **run)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
