@@ -21,16 +21,18 @@ from pathlib import Path
 
 import torch
 
+from hfpipe._version import __version__
+from hfpipe.core.builder import prepare, stage_parts
+from hfpipe.core.weights import (FORMAT, FORMAT_VERSION, MANIFEST, build_layer, check_manifest, checkpoint_config,
+                                checkpoint_root_and_tag, CheckpointError, layer_file, layer_list, local_folder,
+                                parse_dtype, PipelineCheckpointSource, read_manifest, resolve_pretrained,
+                                saved_by_deepspeed, saved_names, tied_map)
+
 DEFAULT_TAG = "global_step0"
 #: Files copied next to the weights (tokenizer, generation defaults).
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
               "merges.txt", "added_tokens.json", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model",
               "spm.model", "generation_config.json", "chat_template.jinja")
-from hfpipe._version import __version__
-from hfpipe.core.builder import prepare, stage_parts
-from hfpipe.core.weights import (FORMAT, FORMAT_VERSION, MANIFEST, CheckpointError, _local_folder, _tied_map, PipelineCheckpointSource, build_layer, check_manifest,
-                                 checkpoint_config, checkpoint_root_and_tag, layer_file, layer_list, parse_dtype,
-                                 read_manifest, resolve_pretrained, saved_by_deepspeed, saved_names)
 
 
 def manifest_for(builder, infos, *, parts=None, partition_method=None, dtype=None, source=None, **extra) -> dict:
@@ -135,7 +137,7 @@ def convert(model, output_dir, *, num_stages: int = 1, partition_method="balance
     target_dtype = parse_dtype(dtype)
     source_folder = None
     if isinstance(model, (str, os.PathLike)):
-        source_folder = _local_folder(model)
+        source_folder = local_folder(model)
     builder = prepare(model, model_class)
     source = builder.source
     if source is None:
@@ -229,7 +231,7 @@ def export(checkpoint, output_dir, *, dtype=None, max_shard_size="5GB", overwrit
 def hf_weight_names(adapter, names, where) -> list[str]:
     """The weights an HF folder of ``adapter``'s model holds (tied copies once, as ``save_pretrained`` writes them),
     checked against ``names`` (what the pipeline has, by HF name): a missing or extra weight is an error."""
-    tied = _tied_map(adapter.config, adapter.model_class, adapter.meta_model)
+    tied = tied_map(adapter.config, adapter.model_class, adapter.meta_model)
     expected = [k for k in adapter.meta_model.state_dict() if k not in tied]
     have = {k for k in names if k not in tied}
     missing, extra = sorted(set(expected) - have), sorted(have - set(expected))

@@ -168,7 +168,7 @@ class SafetensorsSource(WeightSource):
         return state
 
 
-def _local_folder(path_or_hub_id) -> Path:
+def local_folder(path_or_hub_id) -> Path:
     path = Path(path_or_hub_id)
     if path.is_dir():
         return path
@@ -226,7 +226,7 @@ def _conversions(model) -> tuple[list, list]:
             [t for t in transforms if not isinstance(t, WeightRenaming)])
 
 
-def _tied_map(config, model_class, model=None) -> dict[str, str]:
+def tied_map(config, model_class, model=None) -> dict[str, str]:
     """``{tied name: source name}`` from a meta-device copy of the model (parameters that are the same object)."""
     model = model if model is not None else _meta_model(config, model_class)
     if model is None:
@@ -245,7 +245,7 @@ def resolve_pretrained(path_or_hub_id, model_class=None):
     """``(config, concrete model class, SafetensorsSource)`` for a local folder or a hub id (offline from cache)."""
     from transformers import AutoConfig
 
-    folder = _local_folder(path_or_hub_id)
+    folder = local_folder(path_or_hub_id)
     if (folder / MANIFEST).is_file() or is_pipeline_checkpoint(folder):
         return open_pipeline_checkpoint(folder, model_class=model_class)
     if not (folder / "config.json").is_file():
@@ -260,7 +260,7 @@ def resolve_pretrained(path_or_hub_id, model_class=None):
     meta = _meta_model(config, model_class)
     source = SafetensorsSource(folder, dtype=_config_dtype(config),
                                base_model_prefix=getattr(model_class, "base_model_prefix", "") or "",
-                               tied=_tied_map(config, model_class, meta), conversions=_conversions(meta))
+                               tied=tied_map(config, model_class, meta), conversions=_conversions(meta))
     return config, model_class, source
 
 
@@ -396,7 +396,7 @@ class PipelineCheckpointSource(WeightSource):
         if self.manifest is not None:
             check_manifest(self.manifest, builder, builder.layers(), self.where or self.tag_dir)
         self.base_model_prefix = a.base_prefix
-        self.tied = _tied_map(a.config, a.model_class, a.meta_model)
+        self.tied = tied_map(a.config, a.model_class, a.meta_model)
         self.table = {}
         for _, layer in meta_layers(builder):
             if layer is None:
