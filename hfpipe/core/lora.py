@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -42,6 +43,100 @@ IDLE_STAGE_PARAMETER = "lora_idle_stage"
 
 class LoraConfigError(ValueError):
     """A LoRA configuration that does not fit the model."""
+
+
+# ------------------------------------------------------------------------------------------- trainer flags
+#: the trainer flags named as PEFT names them (``PipelineTrainingArguments``) and the ``LoraConfig`` field of each
+LORA_FLAGS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+              "lora_target_modules": "target_modules", "lora_modules_to_save": "modules_to_save"}
+
+
+def _names(value):
+    """``"q_proj, v_proj"`` -> ``["q_proj", "v_proj"]``; ``"all-linear"`` stays a string; empty -> ``None``."""
+    if isinstance(value, str):
+        value = value.strip()
+        if value == "all-linear":
+            return value
+        value = value.split(",")
+    names = [v.strip() for v in value or () if v.strip()]
+    return names or None
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple, set, frozenset)) and isinstance(b, (list, tuple, set, frozenset)):
+        return set(a) == set(b)
+    return a == b
+
+
+def read_peft_config(path: str):
+    """The ``peft.LoraConfig`` in ``path`` (an ``adapter_config.json`` or a folder holding one), read by PEFT."""
+    from peft import LoraConfig, PeftConfig
+
+    file = os.path.join(path, "adapter_config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise LoraConfigError(f"--peft_config {path!r}: no such file; expected a PEFT adapter_config.json or a "
+                              "folder holding one. Fix: pass its path.")
+    try:
+        config = PeftConfig.from_peft_type(**LoraConfig.from_json_file(file))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise LoraConfigError(f"--peft_config {file!r} is not a PEFT config ({exc}). Fix: pass the "
+                              "adapter_config.json PEFT wrote (peft_type LORA).") from None
+    if not isinstance(config, LoraConfig):
+        raise LoraConfigError(f"--peft_config {file!r} has peft_type {config.peft_type}; hfpipe pipelines take LoRA "
+                              "configs only. Fix: pass a LoRA adapter_config.json.")
+    return config
+
+
+def to_lora_config(args, task_type: str | None = None):
+    """The ``peft.LoraConfig`` that trainer arguments ``args`` ask for (``None``: LoRA off), ``task_type`` set where
+    the config has none. ``--peft_config FILE`` is read by PEFT, and a ``--lora_*`` flag set besides it (not at its
+    default) must agree with the file; otherwise ``--lora_r R > 0`` builds the config from the flags. Bad values:
+    one :class:`LoraConfigError` (needs no model, so the trainer raises it before loading one)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(args) if f.name in LORA_FLAGS}
+    given = {flag: getattr(args, flag) for flag in LORA_FLAGS if getattr(args, flag) != defaults[flag]}
+    if args.lora_r < 0:
+        raise LoraConfigError(f"--lora_r {args.lora_r}: expected the LoRA rank, > 0 (0: LoRA off).")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        raise LoraConfigError(f"--lora_dropout {args.lora_dropout}: expected a probability in [0, 1).")
+    if not args.peft_config and args.lora_r == 0:
+        if given:
+            raise LoraConfigError(f"--{next(iter(given))} is set but LoRA is off. Fix: add --lora_r R (e.g. 8) or "
+                                  "--peft_config adapter_config.json.")
+        return None
+    from peft import LoraConfig
+
+    if args.peft_config:
+        config = read_peft_config(args.peft_config)
+        for flag, value in given.items():
+            value = _names(value) if flag in ("lora_target_modules", "lora_modules_to_save") else value
+            if not _same(value, getattr(config, LORA_FLAGS[flag])):
+                raise LoraConfigError(f"--{flag} {value!r} disagrees with {LORA_FLAGS[flag]}="
+                                      f"{getattr(config, LORA_FLAGS[flag])!r} in --peft_config {args.peft_config!r}. "
+                                      f"Fix: drop --{flag} or make them agree.")
+    else:
+        try:
+            config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                target_modules=_names(args.lora_target_modules),
+                                modules_to_save=_names(args.lora_modules_to_save))
+        except ValueError as exc:
+            raise LoraConfigError(f"--lora_* flags give no valid peft.LoraConfig: {exc}") from None
+    if config.task_type is None and task_type is not None:
+        config = dataclasses.replace(config, task_type=task_type)
+    return config
+
+
+def save_adapter(config, state: dict, output_dir: str, base_model: str | None = None) -> None:
+    """A PEFT adapter folder: ``config`` written by PEFT (``LoraConfig.save_pretrained``, ``inference_mode`` on and
+    ``base_model_name_or_path`` = ``base_model`` when given, as ``PeftModel.save_pretrained`` does) and the adapter
+    tensors of ``state`` (:func:`is_adapter_key` names: PEFT's own keys) as ``adapter_model.safetensors``."""
+    from safetensors.torch import save_file
+
+    os.makedirs(output_dir, exist_ok=True)
+    config = dataclasses.replace(config, inference_mode=True,
+                                 base_model_name_or_path=base_model or config.base_model_name_or_path)
+    config.save_pretrained(output_dir)
+    tensors = {k: v.contiguous() for k, v in sorted(state.items()) if is_adapter_key(k)}
+    save_file(tensors, os.path.join(output_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def hf_key(name: str, adapter: str = ADAPTER) -> str:

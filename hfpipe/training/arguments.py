@@ -90,6 +90,20 @@ class PipelineTrainingArguments:
                                                                           "(text-to-text)."})
     generation_max_length: int = field(default=64, metadata={"help": "Max new tokens with "
                                                                      "--predict_with_generate."})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (PEFT's r): train PEFT LoRA adapters on a frozen "
+                                                     "base, output_dir/final a PEFT adapter folder; 0: off."})
+    lora_alpha: int = field(default=8, metadata={"help": "LoRA alpha (scaling alpha / r); default 8, PEFT's "
+                                                           "default (many recipes use 2 x r, e.g. 16 at r=8)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input (PEFT's lora_dropout)."})
+    lora_target_modules: str | None = field(
+        default=None, metadata={"help": "Comma-separated module names (q_proj,v_proj) or all-linear; unset: PEFT's "
+                                        "default target modules for the model type."})
+    lora_modules_to_save: str | None = field(
+        default=None, metadata={"help": "Comma-separated modules trained in full besides the adapters (PEFT adds "
+                                        "the task head of sequence classification itself)."})
+    peft_config: str | None = field(
+        default=None, metadata={"help": "A PEFT adapter_config.json (or a folder holding one) to train instead of "
+                                        "the --lora_* flags; --lora_* flags set besides it must agree with it."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
     plot_curves: bool = field(default=True, metadata={"help": "Write output_dir/training_curves.png at the end."})
 
@@ -109,6 +123,14 @@ class PipelineTrainingArguments:
         if self.load_best_model_at_end and not self.metric_for_best_model:
             self.metric_for_best_model = "eval_loss"
             self.greater_is_better = False
+        self.lora_config()  # bad LoRA flags: one error now, before any model loads
+
+    def lora_config(self, task_type: str | None = None):
+        """The ``peft.LoraConfig`` the ``--lora_*`` / ``--peft_config`` flags ask for (``None``: LoRA off);
+        ``task_type`` (the head's) where the config names none (``hfpipe.core.lora.to_lora_config``)."""
+        from hfpipe.core.lora import to_lora_config
+
+        return to_lora_config(self, task_type)
 
     @property
     def partition(self):

@@ -3,7 +3,8 @@ the optimizer's weight-decay groups, which follow HF Trainer's naming rules like
 
 The exported folder is a normal HF folder (``from_pretrained`` loads it). From a checkpoint it is
 ``hfpipe.checkpoint.export``'s conversion; without one, every stage's live parameters are gathered on rank 0 under
-their HF names and written by the same writer (``hfpipe.checkpoint.write_hf_folder``). Hub uploads never raise on rank 0 alone: the other ranks would wait forever in the next collective.
+their HF names and written by the same writer (``hfpipe.checkpoint.write_hf_folder``). With LoRA it is a PEFT adapter
+folder (``adapter_config.json`` + ``adapter_model.safetensors``) of the live adapter tensors. Hub uploads never raise on rank 0 alone: the other ranks would wait forever in the next collective.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 import torch
 
 from hfpipe.checkpoint import export, hf_weight_names, write_hf_folder
+from hfpipe.core.lora import is_adapter_key, save_adapter
 
 #: HF Trainer's rule: no weight decay on biases and parameters named like norms (LayerNorm modules too).
 NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
@@ -22,7 +24,8 @@ LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow", "generator", "panda
 
 
 def decay_parameter_groups(pipe, weight_decay: float) -> list[dict]:
-    """HF Trainer's grouping: no weight decay on biases, LayerNorm modules and parameters named like norms."""
+    """HF Trainer's grouping of the trainable parameters: no weight decay on biases, LayerNorm modules and parameters
+    named like norms."""
     patterns = [re.compile(p) for p in NO_DECAY_PATTERNS]
     hf_name = {id(p): n for n, p in pipe.hf_named_parameters()}
     no_decay_ids = set()
@@ -31,6 +34,8 @@ def decay_parameter_groups(pipe, weight_decay: float) -> list[dict]:
             no_decay_ids.update(id(p) for p in mod.parameters(recurse=False))
     decay, no_decay = [], []
     for local, p in pipe.named_parameters():
+        if not p.requires_grad:  # a frozen LoRA base: never in the optimizer
+            continue
         name = hf_name.get(id(p), local).lower()
         if id(p) in no_decay_ids or any(pat.search(name) for pat in patterns):
             no_decay.append(p)
@@ -46,11 +51,16 @@ def export_model(trainer, output_dir: str, checkpoint: str | None = None) -> str
     import torch.distributed as dist
 
     dist.barrier()
+    plan = getattr(trainer.pipe.hfpipe_builder, "lora", None)
+    if plan is not None:
+        checkpoint = None  # the adapter from the live weights (the best checkpoint's, if loaded)
     if checkpoint is None:
-        state = _gather_hf_state(trainer)
+        state = _gather_hf_state(trainer, only_adapter=plan is not None)
     if trainer.rank == 0:
         if checkpoint is not None:
             export(checkpoint, output_dir, overwrite=True, progress=not trainer.args.disable_tqdm)
+        elif plan is not None:
+            save_adapter(plan.config, state, output_dir, getattr(trainer.pipe.config, "_name_or_path", None))
         else:
             _save_live(trainer.pipe, state, output_dir)
         if trainer.processing_class is not None:
@@ -59,15 +69,16 @@ def export_model(trainer, output_dir: str, checkpoint: str | None = None) -> str
     return output_dir
 
 
-def _gather_hf_state(trainer) -> dict:
-    """Every stage's parameters by HF name on rank 0 (one replica's, fp32 under mixed precision); ``{}`` elsewhere."""
+def _gather_hf_state(trainer, only_adapter: bool = False) -> dict:
+    """Every stage's parameters by HF name on rank 0 (one replica's, fp32 under mixed precision; ``only_adapter``:
+    the LoRA adapter's tensors, under PEFT's keys); ``{}`` elsewhere."""
     import torch.distributed as dist
 
     params = {}
     if trainer.dp_rank == 0:
         mixed = trainer.engine.bfloat16_enabled() or trainer.engine.fp16_enabled()
         params = {name: p.detach().float().cpu().clone() if mixed else p.detach().cpu().clone()
-                  for name, p in trainer.pipe.hf_named_parameters()}
+                  for name, p in trainer.pipe.hf_named_parameters() if not only_adapter or is_adapter_key(name)}
     parts = [None] * trainer.world_size
     dist.all_gather_object(parts, params)
     state = {}

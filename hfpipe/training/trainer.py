@@ -20,7 +20,10 @@ from typing import Callable
 
 import numpy as np
 
+from hfpipe.core import lora
+from hfpipe.core.builder import resolve_model
 from hfpipe.core.dsconfig import check_fp16_supported
+from hfpipe.core.heads import head_for_class
 from hfpipe.core.partition import parse_partition_method
 from hfpipe.training import checkpointing, evaluation, outputs
 from hfpipe.training.arguments import PipelineTrainingArguments
@@ -117,7 +120,10 @@ class PipelineTrainer:
                       model_class=model_class, seed=self.args.seed, seq_len=self.args.max_seq_length,
                       activation_checkpoint_interval=pipe_cfg["activation_checkpoint_interval"],
                       micro_batch_size=self.ds_config["train_micro_batch_size_per_gpu"],
-                      loss_chunk_tokens=self.args.loss_chunk_tokens or None)
+                      loss_chunk_tokens=self.args.loss_chunk_tokens or None, peft_config=self.args.lora_config())
+        if kwargs["peft_config"] is not None:  # PEFT's task type of the head (a PeftModel and --lora_r: one error)
+            _, cls, _ = resolve_model(lora.split_peft_model(model, kwargs["peft_config"])[0], model_class)
+            kwargs["peft_config"] = self.args.lora_config(head_for_class(cls).peft_task_type)
         return to_pipeline(model, **kwargs)  # a path or Hub id loads stage-locally (hfpipe.checkpoint)
 
     def _initialize_engine(self):
@@ -279,7 +285,8 @@ class PipelineTrainer:
 
         With ``checkpoint`` (a ``checkpoint-N`` folder), ``hfpipe.checkpoint.export`` converts the checkpoint on
         rank 0; otherwise every stage's live parameters (``hf_named_parameters``) are
-        gathered on rank 0 and written with ``save_pretrained`` (safetensors).
+        gathered on rank 0 and written with ``save_pretrained`` (safetensors). With LoRA: a PEFT adapter folder of the
+        live adapter tensors (``checkpoint`` not read).
         """
         return outputs.export_model(self, output_dir, checkpoint)
 
