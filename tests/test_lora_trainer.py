@@ -15,19 +15,27 @@ from models import tiny_config  # noqa: E402
 SEQ = 12
 
 
-def _base():
-    from transformers import LlamaForCausalLM
+#: model kind -> (Auto class, model class, config, --lora_target_modules, PEFT task type of its head)
+CASES = {"llama": ("AutoModelForCausalLM", "LlamaForCausalLM", ("llama", {}), "q_proj,v_proj", "CAUSAL_LM"),
+         "bert": ("AutoModelForSequenceClassification", "BertForSequenceClassification", ("bert", {"num_labels": 3}),
+                  None, "SEQ_CLS")}  # bert: PEFT's default targets; its classifier trained in full (modules_to_save)
+
+
+def _base(kind: str):
+    import transformers
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(tiny_config("llama")).eval()
+    model_type, overrides = CASES[kind][2]
+    return getattr(transformers, CASES[kind][1])(tiny_config(model_type, **overrides)).eval()
 
 
-def _data(n: int = 8):
+def _data(kind: str, n: int = 8):
     import datasets
 
     ids = torch.randint(1, 128, (n, SEQ), generator=torch.Generator().manual_seed(1))
+    labels = ids.tolist() if kind == "llama" else (ids[:, 0] % 3).tolist()
     return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
-                                       "labels": ids.tolist()})
+                                       "labels": labels})
 
 
 def _args(out_dir, **kw):
@@ -40,47 +48,61 @@ def _args(out_dir, **kw):
     return PipelineTrainingArguments(**base)
 
 
-def rank_train_lora(out_dir: str):
+def rank_train_lora(kind: str, out_dir: str, base: str):
+    import transformers
+
     from hfpipe import PipelineTrainer
 
     # save_strategy "steps" (the default) writes checkpoint-2 at the end; the adapter comes from the live weights
-    args = _args(out_dir, lora_r=4, lora_alpha=8, lora_target_modules="q_proj,v_proj", save_strategy="steps")
-    trainer = PipelineTrainer(_base(), args, train_dataset=_data())
+    args = _args(out_dir, lora_r=4, lora_alpha=8, lora_target_modules=CASES[kind][3], save_strategy="steps")
+    trainer = PipelineTrainer(base, args, train_dataset=_data(kind),  # a folder: read stage-locally
+                              model_class=getattr(transformers, CASES[kind][0]))
     opt = trainer.engine.optimizer
     groups = getattr(opt, "bf16_groups", None) or [g["params"] for g in opt.param_groups]
     optimizer_numel = sum(p.numel() for group in groups for p in group)
     result = trainer.train()
-    logits = trainer.predict(_data(4)).predictions
+    logits = trainer.predict(_data(kind, 4)).predictions
     return {"final": result["final_model"], "optimizer_numel": optimizer_numel, "logits": logits}
 
 
-def test_lora_training_writes_a_peft_adapter_folder(dist_pool, tmp_path):
-    """2 steps of LoRA at 2 stages: final/ is adapter_config.json + adapter_model.safetensors, PEFT loads it onto the
-    same base weights with exactly its own adapter keys, and gives the trained pipeline's logits."""
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_lora_training_writes_a_peft_adapter_folder(dist_pool, tmp_path, kind):
+    """2 steps of LoRA at 2 stages from a base folder: final/ is adapter_config.json + adapter_model.safetensors
+    naming that base, PEFT loads it onto the base with exactly its own adapter keys, and gives the trained pipeline's
+    logits (a classification head, which PEFT trains in full for SEQ_CLS, included)."""
+    import transformers
     from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
     from safetensors.torch import load_file
 
-    ranks = dist_pool(2).run(rank_train_lora, str(tmp_path))
+    auto, _, _, targets, task = CASES[kind]
+    base = str(tmp_path / "base")
+    _base(kind).save_pretrained(base)
+    ranks = dist_pool(2).run(rank_train_lora, kind, str(tmp_path / "out"), base)
     final = ranks[0]["final"]
     assert sorted(os.listdir(final)) == ["adapter_config.json", "adapter_model.safetensors"]
     with open(os.path.join(final, "adapter_config.json")) as f:
         saved = json.load(f)
-    assert saved["peft_type"] == "LORA" and saved["task_type"] == "CAUSAL_LM" and saved["r"] == 4
-    assert set(saved["target_modules"]) == {"q_proj", "v_proj"} and saved["inference_mode"] is True
+    assert saved["peft_type"] == "LORA" and saved["task_type"] == task and saved["r"] == 4
+    assert saved["inference_mode"] is True and saved["base_model_name_or_path"] == base
+    if targets:
+        assert set(saved["target_modules"]) == set(targets.split(","))
 
     tensors = load_file(os.path.join(final, "adapter_model.safetensors"))
-    model = PeftModel.from_pretrained(_base(), final).eval()
+    model = PeftModel.from_pretrained(getattr(transformers, auto).from_pretrained(base), final).eval()
     theirs = get_peft_model_state_dict(model)
     assert set(tensors) == set(theirs)  # no missing and no unexpected adapter keys
     assert all(torch.equal(tensors[k], theirs[k]) for k in tensors)
     assert any(".lora_B." in k and tensors[k].abs().sum() > 0 for k in tensors)  # B trained away from zero
+    if task == "SEQ_CLS":
+        assert "base_model.model.classifier.weight" in tensors  # the head PEFT trains in full
 
     config = LoraConfig.from_pretrained(final)
     config.inference_mode = False
-    trainable, _ = get_peft_model(_base(), config).get_nb_trainable_parameters()
+    fresh = get_peft_model(getattr(transformers, auto).from_pretrained(base), config)
+    trainable, _ = fresh.get_nb_trainable_parameters()
     assert sum(r["optimizer_numel"] for r in ranks) == trainable == sum(t.numel() for t in tensors.values())
 
-    ids = torch.tensor(_data(4)["input_ids"])
+    ids = torch.tensor(_data(kind, 4)["input_ids"])
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     pipe = torch.as_tensor(ranks[0]["logits"])

@@ -4,7 +4,8 @@ the optimizer's weight-decay groups, which follow HF Trainer's naming rules like
 The exported folder is a normal HF folder (``from_pretrained`` loads it). From a checkpoint it is
 ``hfpipe.checkpoint.export``'s conversion; without one, every stage's live parameters are gathered on rank 0 under
 their HF names and written by the same writer (``hfpipe.checkpoint.write_hf_folder``). With LoRA it is a PEFT adapter
-folder (``adapter_config.json`` + ``adapter_model.safetensors``) of the live adapter tensors. Hub uploads never raise on rank 0 alone: the other ranks would wait forever in the next collective.
+folder (``adapter_config.json`` + ``adapter_model.safetensors``) of the live adapter tensors. Hub uploads never raise
+on rank 0 alone: the other ranks would wait forever in the next collective.
 """
 
 from __future__ import annotations
