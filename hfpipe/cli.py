@@ -56,11 +56,10 @@ def _verify(p: argparse.ArgumentParser):
         if args.lora_r is not None:
             from peft import LoraConfig
 
-            targets = args.lora_target_modules
-            if targets and targets != "all-linear":
-                targets = [t for t in targets.split(",") if t]
+            from hfpipe.core.lora import module_names
+
             kwargs = {} if args.lora_alpha is None else {"lora_alpha": args.lora_alpha}
-            lora = LoraConfig(r=args.lora_r, target_modules=targets or None, **kwargs)
+            lora = LoraConfig(r=args.lora_r, target_modules=module_names(args.lora_target_modules), **kwargs)
         report = verify_dir(args.model, stages=args.stages, micro_batches=args.micro_batches,
                             batch_size=args.batch_size, seq_len=args.seq_len, dp=args.dp, dtype=args.dtype,
                             partition=parse_partition_method(args.partition), padding=args.padding,

@@ -51,7 +51,7 @@ LORA_FLAGS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_d
               "lora_target_modules": "target_modules", "lora_modules_to_save": "modules_to_save"}
 
 
-def _names(value):
+def module_names(value):
     """``"q_proj, v_proj"`` -> ``["q_proj", "v_proj"]``; ``"all-linear"`` stays a string; empty -> ``None``."""
     if isinstance(value, str):
         value = value.strip()
@@ -108,7 +108,7 @@ def to_lora_config(args, task_type: str | None = None):
     if args.peft_config:
         config = read_peft_config(args.peft_config)
         for flag, value in given.items():
-            value = _names(value) if flag in ("lora_target_modules", "lora_modules_to_save") else value
+            value = module_names(value) if flag in ("lora_target_modules", "lora_modules_to_save") else value
             if not _same(value, getattr(config, LORA_FLAGS[flag])):
                 raise LoraConfigError(f"--{flag} {value!r} disagrees with {LORA_FLAGS[flag]}="
                                       f"{getattr(config, LORA_FLAGS[flag])!r} in --peft_config {args.peft_config!r}. "
@@ -116,8 +116,8 @@ def to_lora_config(args, task_type: str | None = None):
     else:
         try:
             config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                target_modules=_names(args.lora_target_modules),
-                                modules_to_save=_names(args.lora_modules_to_save))
+                                target_modules=module_names(args.lora_target_modules),
+                                modules_to_save=module_names(args.lora_modules_to_save))
         except ValueError as exc:
             raise LoraConfigError(f"--lora_* flags give no valid peft.LoraConfig: {exc}") from None
     if config.task_type is None and task_type is not None:
