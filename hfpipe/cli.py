@@ -107,6 +107,10 @@ def _plan(p: argparse.ArgumentParser):
     p.add_argument("--max-memory-gib", type=float, default=None, help="per-stage memory cap for balanced methods")
     p.add_argument("--loss-chunk-tokens", type=int, default=None,
                    help="causal LM: plan for the chunked loss (to_pipeline(loss_chunk_tokens=N)): no full logits kept")
+    p.add_argument("--lora-r", type=int, default=None,
+                   help="plan LoRA training at rank R: the base holds weights only, the adapters train")
+    p.add_argument("--lora-target-modules", default=None,
+                   help="with --lora-r: comma-separated module names or 'all-linear' (default: PEFT's for the family)")
     p.add_argument("--compare", action="store_true", help="all partition methods side by side")
     p.add_argument("--json", action="store_true", help="print the plan as JSON on the last line")
 
@@ -116,7 +120,8 @@ def _plan(p: argparse.ArgumentParser):
         kwargs = dict(stages=args.stages, seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
                       micro_batches=args.micro_batches, dp=args.dp, zero_stage=args.zero_stage, dtype=args.dtype,
                       activation_checkpointing=args.activation_checkpointing, attention_kernel=args.attention,
-                      memory_cap_gib=args.max_memory_gib, loss_chunk_tokens=args.loss_chunk_tokens)
+                      memory_cap_gib=args.max_memory_gib, loss_chunk_tokens=args.loss_chunk_tokens,
+                      lora_r=args.lora_r, lora_target_modules=args.lora_target_modules)
         if args.compare:
             result = compare(args.model, **kwargs)
             print(format_compare(result))

@@ -15,6 +15,7 @@ import os
 from typing import Sequence
 
 from hfpipe.core import costs as costs_lib
+from hfpipe.core import lora as lora_lib
 from hfpipe.core import partition as partition_lib
 from hfpipe.core.builder import compute_parts, prepare
 from hfpipe.core.layers import LayerKind
@@ -79,16 +80,20 @@ def describe_layers(infos, start: int, stop: int) -> str:
 def plan(model, *, stages: int, partition="balanced", seq_len: int = 4096, micro_batch_size: int = 1,
          micro_batches: int | None = None, dp: int = 1, zero_stage: int = 0, dtype: str = "bf16",
          activation_checkpointing: bool = False, memory_cap_gib: float | None = None,
-         attention_kernel: str = "flash", model_class=None, loss_chunk_tokens: int | None = None) -> dict:
+         attention_kernel: str = "flash", model_class=None, loss_chunk_tokens: int | None = None,
+         lora_r: int | None = None, lora_target_modules=None) -> dict:
     """The stage split of ``model`` (an HF model, a config + ``model_class``, or a config folder / config.json) and
     each stage's layers, parameters, FLOPs, share of work and memory. ``micro_batches`` defaults to ``4 x stages``;
-    ``loss_chunk_tokens`` as in ``to_pipeline`` (the head keeps no logits and runs again in backward)."""
+    ``loss_chunk_tokens`` as in ``to_pipeline`` (the head keeps no logits and runs again in backward). ``lora_r``:
+    plan LoRA training at that rank on ``lora_target_modules`` (names or ``"all-linear"``; ``None``: PEFT's default
+    for the family) -- the frozen base holds weights only, the adapters train."""
     if isinstance(model, (str, os.PathLike)):
         model, model_class = load_config(str(model))
     if stages < 1:
         raise ValueError(f"stages={stages}; expected a positive integer.")
     m = micro_batches or 4 * stages
-    builder = prepare(model, model_class)
+    builder = prepare(model, model_class, device="meta")
+    builder.lora = lora_lib.plan(builder.adapter.meta_model, _lora_config(lora_r, lora_target_modules, builder))
     builder.chunk_loss(loss_chunk_tokens)
     infos = builder.layers()
     workload = costs_lib.Workload(seq_len=seq_len, micro_batch_size=micro_batch_size, dtype=dtype,
@@ -119,7 +124,8 @@ def plan(model, *, stages: int, partition="balanced", seq_len: int = 4096, micro
         mem = costs_lib.stage_memory(layer_costs, start, stop, s, stages, **mem_kwargs)
         rows.append({"stage": s, "first_layer": start, "last_layer": stop - 1,
                      "layers": describe_layers(infos, start, stop),
-                     "params": sum(c.params for c in layer_costs[start:stop]), "flops": sums[s],
+                     "params": sum(c.params for c in layer_costs[start:stop]),
+                     "trainable_params": sum(c.trainable_params for c in layer_costs[start:stop]), "flops": sums[s],
                      "share": sums[s] / total if total else 0.0, "in_flight": costs_lib.in_flight(s, stages, m),
                      "memory_gib": {k: v / GIB for k, v in mem.items()}})
     imbalance = max(sums) / mean if mean else 1.0
@@ -131,9 +137,37 @@ def plan(model, *, stages: int, partition="balanced", seq_len: int = 4096, micro
         "seq_len": seq_len, "micro_batch_size": micro_batch_size, "micro_batches": m, "dp": dp,
         "zero_stage": zero_stage, "dtype": dtype, "activation_checkpointing": activation_checkpointing,
         "attention_kernel": attention_kernel, "memory_cap_gib": memory_cap_gib, "loss_chunk_tokens": loss_chunk_tokens,
+        "lora_r": lora_r, "lora_target_modules": _targets(builder.lora),
         "total_flops": total, "imbalance": imbalance, "bubble_efficiency": bubble,
         "efficiency": bubble / imbalance, "stage_rows": rows,
     }
+
+
+def _lora_config(r, target_modules, builder):
+    """The ``peft.LoraConfig`` plan's LoRA arguments ask for (``None``: full fine-tuning), task type from the head."""
+    if r is None:
+        if target_modules is not None:
+            raise lora_lib.LoraConfigError(f"lora_target_modules={target_modules!r} is set but lora_r is not. Fix: "
+                                           "add --lora-r R (e.g. 8).")
+        return None
+    if r < 1:
+        raise lora_lib.LoraConfigError(f"lora_r={r}: expected the LoRA rank, a positive integer. Fix: e.g. --lora-r 8.")
+    from peft import LoraConfig
+
+    try:
+        return LoraConfig(r=r, target_modules=lora_lib.module_names(target_modules),
+                          task_type=builder.head.peft_task_type)
+    except ValueError as exc:
+        raise lora_lib.LoraConfigError(f"lora_r={r}, lora_target_modules={target_modules!r} give no valid "
+                                       f"peft.LoraConfig: {exc}") from None
+
+
+def _targets(lora) -> list[str] | None:
+    """The target modules PEFT resolved (a regex stays one string)."""
+    if lora is None:
+        return None
+    targets = lora.config.target_modules
+    return [targets] if isinstance(targets, str) else sorted(targets)
 
 
 def compare(model, *, stages: int, methods: Sequence[str] = METHODS, **kwargs) -> list[dict]:
@@ -158,6 +192,7 @@ def _si(x: float) -> str:
 
 def format_plan(report: dict) -> str:
     r = report
+    lora = bool(r.get("lora_r"))
     lines = [
         f"hfpipe plan: {r['model']} ({r['num_blocks']} blocks, {r['num_layers']} pipeline layers, "
         f"{'half-blocks' if r['half_blocks'] else 'whole blocks'})  stages={r['stages']} "
@@ -165,15 +200,17 @@ def format_plan(report: dict) -> str:
         f"workload: seq_len={r['seq_len']} micro_batch_size={r['micro_batch_size']} micro_batches={r['micro_batches']}"
         f" dp={r['dp']} zero={r['zero_stage']} dtype={r['dtype']} activation_checkpointing="
         f"{'on' if r['activation_checkpointing'] else 'off'} attention={r['attention_kernel']}"
-        + (f" loss_chunk_tokens={r['loss_chunk_tokens']}" if r.get("loss_chunk_tokens") else ""),
+        + (f" loss_chunk_tokens={r['loss_chunk_tokens']}" if r.get("loss_chunk_tokens") else "")
+        + (f" lora_r={r['lora_r']} on {','.join(r['lora_target_modules'])} (base frozen: weights only)" if lora else ""),
         "",
-        f"{'stage':>5}  {'layers':<30}{'params':>10}{'FLOPs/mb':>11}{'share':>8}{'in flight':>10}"
+        f"{'stage':>5}  {'layers':<30}{'params':>10}" + (f"{'trainable':>11}" if lora else "") + f"{'FLOPs/mb':>11}{'share':>8}{'in flight':>10}"
         f"{'mem GiB':>9}  (weights+grads+optim / activations)",
     ]
     for row in r["stage_rows"]:
         mem = row["memory_gib"]
         states = mem["params"] + mem["grads"] + mem["optimizer"]
-        lines.append(f"{row['stage']:>5}  {row['layers']:<30}{_si(row['params']):>10}{_si(row['flops']):>11}"
+        lines.append(f"{row['stage']:>5}  {row['layers']:<30}{_si(row['params']):>10}"
+                     + (f"{_si(row['trainable_params']):>11}" if lora else "") + f"{_si(row['flops']):>11}"
                      f"{100 * row['share']:>7.1f}%{row['in_flight']:>10}{mem['total']:>9.1f}  "
                      f"({states:.1f} / {mem['activations']:.1f})")
     lines += [

@@ -57,6 +57,11 @@ class LayerCost:
     flops: float  # forward + backward (+ recomputation with activation checkpointing), one micro-batch
     activation_bytes: float  # kept for backward per micro-batch (without activation checkpointing)
     checkpoint_bytes: float  # kept per micro-batch with activation checkpointing
+    trainable: int | None = None  # of ``params``, those with gradients and optimizer states (None: all; LoRA: adapters)
+
+    @property
+    def trainable_params(self) -> int:
+        return self.params if self.trainable is None else self.trainable
 
     def as_dict(self) -> dict:
         return {**asdict(self), "kind": self.kind.value}
@@ -158,7 +163,9 @@ def _attention_dims(config) -> tuple[int, int]:
 
 # -------------------------------------------------------------------------------------------------- per layer
 def layer_costs(builder, workload: Workload | None = None, **workload_kwargs) -> list[LayerCost]:
-    """Cost of every layer of ``builder.layers()`` (``hfpipe.core.builder.prepare(model_or_config, model_class)``)."""
+    """Cost of every layer of ``builder.layers()`` (``hfpipe.core.builder.prepare(model_or_config, model_class)``).
+    A meta-device builder with a LoRA plan (``hfpipe plan``'s) also gets each layer's trainable count
+    (:func:`trainable_params`); other builders (``to_pipeline``'s, which only need FLOPs) leave it ``None``."""
     w = workload or Workload(**workload_kwargs)
     a, config = builder.adapter, builder.adapter.config
     hidden = int(config.hidden_size)
@@ -169,6 +176,7 @@ def layer_costs(builder, workload: Workload | None = None, **workload_kwargs) ->
     infos = builder.layers()
     embed = a.meta_base.get_submodule(a.embed_path) if a.embed_path else None
     vocab = int(getattr(config, "vocab_size", 0) or 0)
+    trainable = trainable_params(builder) if torch.device(builder.device).type == "meta" else None
     costs = []
     for index, info in enumerate(infos):
         params = info.num_params
@@ -233,8 +241,20 @@ def layer_costs(builder, workload: Workload | None = None, **workload_kwargs) ->
             ckpt_elems += T * hidden
         flops = fwd * (1.0 + bwd_factor + recompute)
         costs.append(LayerCost(index, info.name, layer.kind, layer.part, info.block, int(params), fwd, flops,
-                               act_elems * act_b, ckpt_elems * act_b))
+                               act_elems * act_b, ckpt_elems * act_b, trainable[index] if trainable else None))
     return costs
+
+
+def trainable_params(builder) -> list[int] | None:
+    """Trainable parameters of each layer under the builder's LoRA plan (``None``: no plan, everything trains): each
+    layer is built on the meta device exactly as its stage builds it (PEFT's own layers, no weights), so the count
+    is PEFT's -- r x (in + out) per adapted linear, plus the modules PEFT trains in full."""
+    if getattr(builder, "lora", None) is None:
+        return None
+    if torch.device(builder.device).type != "meta":
+        raise ValueError(f"builder.device={builder.device!r}; counting LoRA parameters builds every layer, so it "
+                         "expects a meta-device builder. Fix: prepare(..., device='meta').")
+    return [sum(p.numel() for p in info.spec.build().parameters() if p.requires_grad) for info in builder.layers()]
 
 
 # ------------------------------------------------------------------------------------------------- per stage
@@ -263,10 +283,13 @@ def in_flight(stage: int, num_stages: int, micro_batches: int) -> int:
 def stage_memory(costs: Sequence[LayerCost], start: int, stop: int, stage: int, num_stages: int, *,
                  micro_batches: int, dtype: str = "bf16", dp: int = 1, zero_stage: int = 0,
                  activation_checkpointing: bool = False) -> dict[str, float]:
-    """Estimated bytes on one rank of stage ``stage`` owning layers ``[start, stop)``."""
+    """Estimated bytes on one rank of stage ``stage`` owning layers ``[start, stop)``. Frozen parameters (LoRA's
+    base: ``LayerCost.trainable`` below ``params``) hold their weights only: no gradient, optimizer state or master
+    copy."""
     layers = costs[start:stop]
     per = optimizer_bytes_per_param(dtype, dp, zero_stage)
     params = sum(c.params for c in layers)
+    trainable = sum(c.trainable_params for c in layers)
     held = in_flight(stage, num_stages, micro_batches)
     act = 0.0
     transient = 0.0
@@ -277,7 +300,7 @@ def stage_memory(costs: Sequence[LayerCost], start: int, stop: int, stage: int, 
             act += c.checkpoint_bytes if (activation_checkpointing and c.kind is LayerKind.BLOCK) else c.activation_bytes
     if activation_checkpointing:  # one block's full activations while it is recomputed
         transient += max((c.activation_bytes for c in layers if c.kind is LayerKind.BLOCK), default=0.0)
-    out = {k: params * v for k, v in per.items()}
+    out = {k: (params if k == "params" else trainable) * v for k, v in per.items()}
     out["activations"] = held * act + transient
     out["total"] = sum(out.values())
     return out
