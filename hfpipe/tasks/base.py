@@ -255,4 +255,16 @@ def run_recipe(task_class: Callable[..., Task], data_args_class, name: str, defa
     trainer.train()  # exports output_dir/final unless --export_final_model false
     metrics = trainer.evaluate()
     save_metrics(metrics, args.output_dir)
+    _end_processes()
     return metrics
+
+
+def _end_processes() -> None:
+    """Leave the process group together before the interpreter exits, as Accelerate's ``end_training`` does: left to
+    interpreter shutdown, a rank's communication threads were once torn down while still running ("terminate called
+    without an active exception", exit -6) after its results were written."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
