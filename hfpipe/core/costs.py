@@ -176,7 +176,7 @@ def layer_costs(builder, workload: Workload | None = None, **workload_kwargs) ->
     infos = builder.layers()
     embed = a.meta_base.get_submodule(a.embed_path) if a.embed_path else None
     vocab = int(getattr(config, "vocab_size", 0) or 0)
-    trainable = trainable_params(builder) if torch.device(builder.device).type == "meta" else None
+    trainable = trainable_params(builder, infos) if torch.device(builder.device).type == "meta" else None
     costs = []
     for index, info in enumerate(infos):
         params = info.num_params
@@ -245,7 +245,7 @@ def layer_costs(builder, workload: Workload | None = None, **workload_kwargs) ->
     return costs
 
 
-def trainable_params(builder) -> list[int] | None:
+def trainable_params(builder, infos=None) -> list[int] | None:
     """Trainable parameters of each layer under the builder's LoRA plan (``None``: no plan, everything trains): each
     layer is built on the meta device exactly as its stage builds it (PEFT's own layers, no weights), so the count
     is PEFT's -- r x (in + out) per adapted linear, plus the modules PEFT trains in full."""
@@ -254,7 +254,8 @@ def trainable_params(builder) -> list[int] | None:
     if torch.device(builder.device).type != "meta":
         raise ValueError(f"builder.device={builder.device!r}; counting LoRA parameters builds every layer, so it "
                          "expects a meta-device builder. Fix: prepare(..., device='meta').")
-    return [sum(p.numel() for p in info.spec.build().parameters() if p.requires_grad) for info in builder.layers()]
+    return [sum(p.numel() for p in info.spec.build().parameters() if p.requires_grad)
+            for info in (infos if infos is not None else builder.layers())]
 
 
 # ------------------------------------------------------------------------------------------------- per stage
