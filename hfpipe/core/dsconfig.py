@@ -117,13 +117,14 @@ def validate_pipeline_ds_config(config: dict, num_stages: int, world_size: int) 
 
 
 def check_fp16_supported(fp16: bool, *, source: str | None = None) -> None:
-    """fp16 needs an accelerator that supports it (DeepSpeed's CPU accelerator does not)."""
+    """fp16 needs an accelerator that trains in it. DeepSpeed's CPU accelerator reports fp16 as supported wherever
+    oneDNN has fp16 kernels, but that is inference support: hfpipe refuses fp16 training on CPU (use bf16)."""
     if not fp16:
         return
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
-    if not acc.is_fp16_supported():
+    if acc.device_name() == "cpu" or not acc.is_fp16_supported():
         raise ConfigError(f"fp16{_at(f'from {source}' if source else None)} is not supported on the "
                           f"{acc.device_name()} accelerator; use bf16 (ds_configs/bf16_zero1.json or --bf16) or fp32 "
                           "here, fp16 on GPUs.")

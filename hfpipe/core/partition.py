@@ -149,6 +149,11 @@ def from_boundaries(boundaries: Sequence[int], num_layers: int, num_stages: int,
             f"manual partition {list(boundaries)} must list the first layer of each of the {num_stages} stages, "
             f"starting with 0 (e.g. {uniform(num_layers, num_stages)[:-1]}); the model has {num_layers} layers."
         )
+    out = [b for b in parts[1:-1] if not 0 < b < num_layers]
+    if out:
+        raise PartitionError(f"manual partition {list(boundaries)} cuts at layer(s) {out}, outside the model's "
+                             f"layers 1..{num_layers - 1} (it has {num_layers} pipeline layers, `hfpipe plan` lists "
+                             f"them); e.g. {uniform(num_layers, num_stages)[:-1]}.")
     if any(b >= a for a, b in zip(parts[1:], parts[:-1])):
         raise PartitionError(f"manual partition {list(boundaries)} must be strictly increasing (no empty stage).")
     if cut_allowed is not None:

@@ -386,6 +386,7 @@ class PipelineCheckpointSource(WeightSource):
         self.dtype = dtype
         self.manifest, self.where = manifest, where
         self.table: dict[str, tuple[str, str]] = {}
+        self.shapes: dict[str, tuple | None] = {}
         self.bytes_read = 0
         self.names_read: list[str] = []
         self._files: dict[str, dict] = {}
@@ -397,12 +398,14 @@ class PipelineCheckpointSource(WeightSource):
             check_manifest(self.manifest, builder, builder.layers(), self.where or self.tag_dir)
         self.base_model_prefix = a.base_prefix
         self.tied = tied_map(a.config, a.model_class, a.meta_model)
-        self.table = {}
+        self.table, self.shapes = {}, {}
         for _, layer in meta_layers(builder):
             if layer is None:
                 continue
+            shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
             for local, hf in saved_names(layer).items():
                 self.table.setdefault(hf, (layer_file(layer.index), local))
+                self.shapes.setdefault(hf, shapes.get(local))
         return self
 
     def keys(self):
@@ -428,6 +431,11 @@ class PipelineCheckpointSource(WeightSource):
             raise CheckpointError(f"{self.tag_dir / file} has no tensor {local!r} (HF name {key}); the checkpoint does "
                                   f"not match this model (found {sorted(state)[:4]}...).")
         tensor = state[local]
+        want = self.shapes.get(key)
+        if want is not None and tuple(tensor.shape) != want:
+            raise CheckpointError(f"{self.tag_dir / file}: {key} has shape {list(tensor.shape)} but the model expects "
+                                  f"{list(want)}; the checkpoint was written for another configuration. Use its "
+                                  "config.json (the one next to the checkpoint).")
         self.bytes_read += tensor.numel() * tensor.element_size()
         self.names_read.append(key)
         return self._cast(tensor)

@@ -95,7 +95,7 @@ def _from_yaml(path: str, env: Mapping[str, str]) -> tuple[dict, dict]:
         try:
             cfg = yaml.safe_load(f) or {}
         except yaml.YAMLError as exc:
-            raise ValueError(f"--accelerate_config {path} is not valid YAML: {exc}") from None
+            raise ValueError(f"--accelerate_config {path} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"--accelerate_config {path}: expected a mapping of Accelerate settings, got "
                          f"{type(cfg).__name__}.")
