@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from typing import Callable
 
@@ -27,10 +26,11 @@ from hfpipe.core.heads import head_for_class
 from hfpipe.core.partition import parse_partition_method
 from hfpipe.training import checkpointing, evaluation, outputs
 from hfpipe.training.arguments import PipelineTrainingArguments
-from hfpipe.training.callbacks import CallbackHandler, default_callbacks
+from hfpipe.training.callbacks import default_callbacks
 from hfpipe.training.config import format_sources, resolve_ds_config
 from hfpipe.training.data import Collate, FixedLengthCollator, GlobalBatches
 from hfpipe.training.outputs import decay_parameter_groups
+from hfpipe.training.state import new_state
 
 
 def _world() -> tuple[int, int]:
@@ -56,16 +56,16 @@ class PipelineTrainer:
                  preprocess_logits_for_metrics: Callable | None = None):
         self.args = args = args if args is not None else PipelineTrainingArguments()
         rank, world = _world()
-        argv = None if getattr(args, "_explicit_fields", None) is not None else sys.argv[1:]
         # validate and merge before any process group work
-        self.ds_config, self.config_sources = resolve_ds_config(args, world, argv=argv)
+        self.ds_config, self.config_sources = resolve_ds_config(args, world)
         if args.push_to_hub and not args.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id user/name (the Hub repo to create or update).")
         check_fp16_supported(self.ds_config["fp16"]["enabled"], source=self.config_sources.get("fp16"))
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.compute_metrics, self.processing_class = compute_metrics, processing_class
         self.generation_fn, self.preprocess_logits_for_metrics = generation_fn, preprocess_logits_for_metrics
-        from transformers import TrainerControl, TrainerState, set_seed
+        from transformers import TrainerControl, set_seed
+        from transformers.trainer_callback import CallbackHandler
 
         set_seed(args.seed)
         pipe_cfg = self.ds_config["pipeline"]
@@ -98,19 +98,18 @@ class PipelineTrainer:
             self.max_steps = 0
         self.engine = self._initialize_engine()
         self.dp_rank = self.engine.grid.data_parallel_id
-        self.state = TrainerState()
-        self.state.max_steps = self.max_steps
-        self.state.is_world_process_zero = self.rank == 0
-        self.state.is_local_process_zero = int(os.environ.get("LOCAL_RANK", 0)) == 0
-        self.state.logging_steps, self.state.save_steps = args.logging_steps, args.save_steps
+        self.callback_handler = CallbackHandler(default_callbacks(args) + list(callbacks or []), self.pipe,
+                                                processing_class, self.engine.optimizer, self.engine.lr_scheduler)
         self.control = TrainerControl()
-        self.callback_handler = CallbackHandler(default_callbacks(args.report_to) + list(callbacks or []))
+        self.state = new_state(self, self.callback_handler.callbacks + [self.control])
+        self._last_eval: tuple[int, dict] | None = None
         if self.rank == 0:
             print("hfpipe: merged DeepSpeed config (precedence: command line > Accelerate > DeepSpeed JSON > "
                   "defaults)\n" + format_sources(self.ds_config, self.config_sources), flush=True)
             os.makedirs(args.output_dir, exist_ok=True)
             with open(os.path.join(args.output_dir, "ds_config.json"), "w") as f:
                 json.dump({"config": self.ds_config, "sources": self.config_sources}, f, indent=2, default=str)
+        self.control = self.callback_handler.on_init_end(args, self.state, self.control)
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _build_pipe(self, model, model_class, pipe_cfg):
@@ -120,11 +119,13 @@ class PipelineTrainer:
                       model_class=model_class, seed=self.args.seed, seq_len=self.args.max_seq_length,
                       activation_checkpoint_interval=pipe_cfg["activation_checkpoint_interval"],
                       micro_batch_size=self.ds_config["train_micro_batch_size_per_gpu"],
-                      loss_chunk_tokens=self.args.loss_chunk_tokens or None, peft_config=self.args.lora_config())
+                      loss_chunk_tokens=self.args.loss_chunk_tokens or None, peft_config=self.args.lora_config(),
+                      load_in_4bit=self.args.load_in_4bit)
         if kwargs["peft_config"] is not None:  # PEFT's task type of the head (a PeftModel and --lora_r: one error)
             _, cls, _ = resolve_model(lora.split_peft_model(model, kwargs["peft_config"])[0], model_class)
             kwargs["peft_config"] = self.args.lora_config(head_for_class(cls).peft_task_type)
-        return to_pipeline(model, **kwargs)  # a path or Hub id loads stage-locally (hfpipe.checkpoint)
+        # a path or Hub id loads stage-locally (hfpipe.checkpoint); --peft_adapter: each stage its own adapter part
+        return to_pipeline(model, peft_adapter=self.args.peft_adapter, **kwargs)
 
     def _initialize_engine(self):
         from transformers import get_scheduler
@@ -133,11 +134,11 @@ class PipelineTrainer:
 
         args = self.args
         total = max(self.max_steps, 1)
-        warmup = args.warmup_steps if args.warmup_steps > 0 else math.ceil(args.warmup_ratio * total)
+        warmup = args.warmup(total)
 
         def scheduler(optimizer):
             return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                                 num_training_steps=total)
+                                 num_training_steps=total, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
 
         groups = decay_parameter_groups(self.pipe, self.ds_config["optimizer"]["params"]["weight_decay"])
         engine, *_ = initialize(self.pipe, self.ds_config, model_parameters=groups, lr_scheduler=scheduler)
@@ -165,17 +166,32 @@ class PipelineTrainer:
 
     # -------------------------------------------------------------------------------------------------- train
     def _call(self, event, **kwargs):
-        self.control = self.callback_handler.call(event, self.args, self.state, self.control, **kwargs)
+        self.control = getattr(self.callback_handler, event)(self.args, self.state, self.control, **kwargs)
         return self.control
 
-    def _log(self, logs: dict) -> None:
-        logs = {k: (round(v, 6) if isinstance(v, float) and k in ("epoch",) else v) for k, v in logs.items()}
-        logs["epoch"] = self.state.epoch
+    def log(self, logs: dict) -> None:
+        """``transformers.Trainer.log``: add the epoch, append to ``state.log_history``, call ``on_log``."""
+        if self.state.epoch is not None:
+            logs["epoch"] = self.state.epoch
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self._call("on_log", logs=logs)
 
+    _log = log
+
+    def _train_logs(self, window: list[float], tokens: int, seconds: float, lr: float) -> dict:
+        """The training log of the steps since the last one: mean loss (fp32), rate, grad norm, throughput."""
+        logs = {"loss": float(np.mean(window, dtype=np.float64)), "learning_rate": lr}
+        gn = self.engine.get_global_grad_norm()
+        if gn is not None:
+            logs["grad_norm"] = float(gn)
+        logs["samples_per_second"] = len(window) * self.global_batch_size / max(seconds, 1e-9)
+        if self.needs_data and self.engine.is_first_stage():
+            logs["tokens_per_second"] = tokens / max(seconds, 1e-9)
+        return logs
+
     def train(self, resume_from_checkpoint: str | None = None) -> dict:
-        """Run to ``max_steps`` (or the epochs); returns ``{"global_step", "train_loss", ...}``."""
+        """Run to ``max_steps`` (or the epochs); returns ``{"global_step", "train_loss", "metrics", ...}``.
+        ``DefaultFlowCallback`` (or any callback) decides when to log, evaluate and save, as in HF Trainer."""
         args = self.args
         if self.train_dataset is None:
             raise ValueError("PipelineTrainer.train() needs train_dataset=.")
@@ -183,61 +199,53 @@ class PipelineTrainer:
         start = 0
         if resume:
             start = checkpointing.load_checkpoint(self, checkpointing.find_checkpoint(resume, args.output_dir))
+        checkpointing.clean_output_dir(args.output_dir, self.rank)  # what killed saves left (after resume chose)
         self.state.global_step = start
         self.state.epoch = start / self.steps_per_epoch
         self._call("on_train_begin")
+        if args.eval_on_start and self.eval_dataset is not None:
+            self.evaluate()
         t_start = time.perf_counter()
         window, tokens_w, time_w, losses_all = [], 0, 0.0, []
         last_saved = start if resume else None
-        last_eval = None
         metrics: dict = {}
         for step in range(start, self.max_steps):
+            if step % self.steps_per_epoch == 0:
+                self._call("on_epoch_begin")
+            self._call("on_step_begin")
             self.engine.module.train()
             data, tokens = self._train_micro_batches(step)
             lr = float(self.engine.get_lr()[0])  # the rate this step uses (HF Trainer logs the same)
             t0 = time.perf_counter()
             loss = self.engine.train_batch(iter(data) if data is not None else None)
             time_w += time.perf_counter() - t0
-            loss = float(loss)
+            loss = float(loss.float()) if hasattr(loss, "float") else float(loss)
             window.append(loss)
             losses_all.append(loss)
             tokens_w += tokens
             self.state.global_step = step + 1
             self.state.epoch = (step + 1) / self.steps_per_epoch
             self._call("on_step_end")
-            done = self.state.global_step >= self.max_steps or self.control.should_training_stop
-            end_of_epoch = self.state.global_step % self.steps_per_epoch == 0
-            if self.state.global_step % args.logging_steps == 0 or done:
-                gn = self.engine.get_global_grad_norm()
-                logs = {"loss": sum(window) / len(window), "learning_rate": lr}
-                if gn is not None:
-                    logs["grad_norm"] = float(gn)
-                logs["samples_per_second"] = len(window) * self.global_batch_size / max(time_w, 1e-9)
-                if self.needs_data and self.engine.is_first_stage():
-                    logs["tokens_per_second"] = tokens_w / max(time_w, 1e-9)
-                self._log(logs)
+            if self.state.global_step % self.steps_per_epoch == 0:
+                self._call("on_epoch_end")
+            if self.control.should_log and window:
+                self.log(self._train_logs(window, tokens_w, time_w, lr))
                 window, tokens_w, time_w = [], 0, 0.0
-            eval_every = args.eval_steps or args.logging_steps
-            if self.eval_dataset is not None and (
-                    (args.eval_strategy == "steps" and self.state.global_step % eval_every == 0)
-                    or (args.eval_strategy == "epoch" and end_of_epoch) or self.control.should_evaluate):
+            if self.control.should_evaluate and self.eval_dataset is not None:
                 metrics = self.evaluate()
-                last_eval = self.state.global_step
-            if (args.save_strategy == "steps" and args.save_steps and self.state.global_step % args.save_steps == 0) \
-                    or (args.save_strategy == "epoch" and end_of_epoch) or self.control.should_save:
+            if self.control.should_save:
                 self._save_checkpoint(metrics)
                 last_saved = self.state.global_step
-            self.control.should_evaluate = self.control.should_save = False  # a callback's request is one-shot
-            if done:
+            if self.control.should_training_stop:
                 break
         runtime = time.perf_counter() - t_start
-        if self.eval_dataset is not None and args.eval_strategy != "no" and last_eval != self.state.global_step:
-            metrics = self.evaluate()
-        result = {"global_step": self.state.global_step,
-                  "train_loss": float(np.mean(losses_all)) if losses_all else float("nan"),
+        if window:  # the steps since the last log (HF logs them in train_loss only; the curve wants them)
+            self.log(self._train_logs(window, tokens_w, time_w, lr))
+        result = {"global_step": self.state.global_step, "epoch": self.state.epoch,
+                  "train_loss": float(np.mean(losses_all, dtype=np.float64)) if losses_all else float("nan"),
                   "train_runtime": runtime,
                   "train_samples_per_second": len(losses_all) * self.global_batch_size / max(runtime, 1e-9),
-                  "metrics": metrics}
+                  "train_steps_per_second": len(losses_all) / max(runtime, 1e-9), "metrics": metrics}
         if args.export_final_model:
             ckpt = None
             if args.load_best_model_at_end and self.state.best_model_checkpoint:
@@ -253,8 +261,6 @@ class PipelineTrainer:
                 result["hub_url"] = self._push(result["final_model"], metrics)
         self._call("on_train_end")
         if self.rank == 0:
-            with open(os.path.join(args.output_dir, "train_results.json"), "w") as f:
-                json.dump(result, f, indent=2, default=float)
             if args.plot_curves:
                 self.plot_curves(os.path.join(args.output_dir, "training_curves.png"))
         return result
@@ -266,13 +272,31 @@ class PipelineTrainer:
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (here or in the constructor).")
         out = evaluation.prediction_loop(self, dataset, metric_key_prefix, share_predictions=False)
-        self._log(dict(out.metrics))
+        self.log(dict(out.metrics))
         self._call("on_evaluate", metrics=out.metrics)
+        if eval_dataset is None:
+            self._last_eval = (self.state.global_step, out.metrics)
         return out.metrics
+
+    def final_metrics(self) -> dict[str, float]:
+        """The eval metrics of the trained model: the last evaluation when it ran at the last step (so it is
+        logged once), else a fresh :meth:`evaluate`."""
+        if self._last_eval is not None and self._last_eval[0] == self.state.global_step:
+            return self._last_eval[1]
+        return self.evaluate()
 
     def predict(self, dataset, metric_key_prefix: str = "test"):
         """``PredictionOutput(predictions, label_ids, metrics)`` in dataset order, on every rank."""
-        return evaluation.prediction_loop(self, dataset, metric_key_prefix, share_predictions=True)
+        out = evaluation.prediction_loop(self, dataset, metric_key_prefix, share_predictions=True)
+        self._call("on_predict", metrics=out.metrics)
+        return out
+
+    # HF Trainer's helpers of its example scripts: ``***** train metrics *****``, ``<split>_results.json`` +
+    # ``all_results.json``, ``trainer_state.json`` (rank 0 only)
+    from transformers.trainer_pt_utils import log_metrics, save_metrics, save_state  # noqa: E402
+
+    def is_world_process_zero(self) -> bool:
+        return self.rank == 0
 
     # ------------------------------------------------------------------------------------ checkpoints, outputs
     def _save_checkpoint(self, metrics: dict | None = None) -> str:
