@@ -20,7 +20,7 @@ from hfpipe.core import lora
 from hfpipe.core.builder import LayerInfo, PipelineBuilder, prepare, stage_parts
 from hfpipe.core.dsconfig import check_stages_divide, validate_pipeline_ds_config
 from hfpipe.core.heads import PipelineLoss
-from hfpipe.core.layers import LayerKind, pack_boundary, unpack_boundary
+from hfpipe.core.layers import LayerKind
 
 
 class HFPipelineModule(PipelineModule):
@@ -62,10 +62,10 @@ class HFPipelineModule(PipelineModule):
         """DeepSpeed's stage forward, with the boundary tuple packed into one tensor between stages
         (:func:`hfpipe.core.layers.pack_boundary`): one p2p message per micro-batch and direction instead of three."""
         if self.stage_id > 0:
-            forward_input = unpack_boundary(self.adapter, forward_input)
+            forward_input = self.adapter.unpack_boundary(forward_input)
         out = super().forward(forward_input)
         if self.stage_id < self.num_stages - 1:
-            out = pack_boundary(out)
+            out = self.adapter.pack_boundary(out)
         return out
 
     # ------------------------------------------------------------------------------------------------ metadata

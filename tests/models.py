@@ -52,6 +52,20 @@ MORE_DECODERS = {
                     num_key_value_heads=2, max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2),
 }
 
+#: encoder-decoders (hfpipe.core.adapters.encdec): 3 encoder + 2 decoder blocks, seq2seq LM head
+_T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=3, num_decoder_layers=2, num_heads=4,
+           relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0,
+           eos_token_id=1)
+_BART = dict(d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+             encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+             decoder_start_token_id=2)
+ENCODER_DECODERS = {
+    "t5": _T5,
+    "bart": _BART,
+    "mbart": _BART,
+    "marian": dict(_BART, decoder_vocab_size=128),
+}
+
 #: families handled by an adapter of another family: model_type -> the family whose tiny config fits
 ALIASES = {"xlm-roberta": "roberta", "camembert": "roberta"}
 
@@ -61,7 +75,7 @@ def family_config(model_type: str, **overrides):
     from transformers import AutoConfig
 
     kwargs = dict(COMMON)
-    kwargs.update({**FAMILIES, **MORE_DECODERS}[ALIASES.get(model_type, model_type)])
+    kwargs.update({**FAMILIES, **MORE_DECODERS, **ENCODER_DECODERS}[ALIASES.get(model_type, model_type)])
     kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)
 

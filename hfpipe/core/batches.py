@@ -34,7 +34,7 @@ def micro_batches(batch: Mapping[str, torch.Tensor], pipe, num_micro_batches: in
     missing = [n for n in head.label_names if n not in batch]
     if missing:
         raise KeyError(f"batch has no {missing}; the {head.name} head needs {list(head.label_names)}.")
-    full = dict(batch)
+    full = pipe.adapter.complete_batch(dict(batch)) if hasattr(pipe, "adapter") else dict(batch)
     full.setdefault("attention_mask", torch.ones_like(ids))
     if "token_type_ids" in input_names:
         full.setdefault("token_type_ids", torch.zeros_like(ids))

@@ -103,6 +103,9 @@ class PipelineBuilder:
         infos: list[LayerInfo] = []
 
         def count(module):
+        custom = a.pipeline_layers(self)  # encoder-decoders list their own layers (LayerInfo fields)
+        if custom is not None:
+            return [LayerInfo(*fields) for fields in custom]
             return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
         if a.embed_path:

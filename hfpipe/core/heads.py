@@ -46,6 +46,8 @@ class HeadSpec:
     pools_last_token: bool = False
     #: The Hub's ``pipeline_tag`` for this task.
     pipeline_tag: str | None = None
+    #: An encoder-decoder's LM head (decoder inputs from shifted labels; ``hfpipe.core.adapters.encdec``).
+    encoder_decoder: bool = False
     #: PEFT's ``task_type`` for this head (``SEQ_CLS`` makes PEFT train the classifier in full: ``modules_to_save``).
     peft_task_type: str | None = None
 
@@ -144,11 +146,40 @@ class QuestionAnsweringHead(HeadSpec):
         return {"start_positions": starts, "end_positions": ends}
 
 
+class Seq2SeqLMHead(HeadSpec):
+    """Encoder-decoder LM (``AutoModelForSeq2SeqLM``): logits over the decoder positions, labels aligned with them
+    (the decoder inputs are the labels shifted right, ``hfpipe.core.adapters.encdec``); HF's cross-entropy."""
+
+    name, token_level, per_token_labels, pipeline_tag = "seq2seq-lm", True, True, "text2text-generation"
+    peft_task_type = "SEQ_2_SEQ_LM"
+    encoder_decoder = True
+
+    def loss(self, outputs, labels, norm, config):
+        logits = outputs.float()
+        return fixed_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[0].to(logits.device).reshape(-1),
+                                   num_items_in_batch=norm, ignore_index=-100)
+
+    def count_items(self, labels, seq_len=None):
+        return (labels[0] != -100).sum().to(torch.float32)
+
+    def random_labels(self, config, ids, mask, lengths, generator, padding):
+        """Targets shorter than the sources (``3/4`` of their length), right-padded, with a decoder mask."""
+        batch, target_len = ids.shape[0], max(2, (ids.shape[1] * 3) // 4)
+        labels = torch.randint(1, config.vocab_size, (batch, target_len), generator=generator)
+        dec_mask = torch.zeros(batch, target_len, dtype=torch.long)
+        for i in range(batch):
+            dec_mask[i, :max(2, target_len - (i * 2) % max(1, target_len // 2))] = 1
+        return {"labels": torch.where(dec_mask.bool(), labels, torch.full_like(labels, -100)),
+                "decoder_attention_mask": dec_mask}
+
+
 CAUSAL_LM = CausalLMHead()
 SEQUENCE_CLASSIFICATION = SequenceClassificationHead()
 TOKEN_CLASSIFICATION = TokenClassificationHead()
 QUESTION_ANSWERING = QuestionAnsweringHead()
-HEADS = {h.name: h for h in (CAUSAL_LM, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, QUESTION_ANSWERING)}
+SEQ2SEQ_LM = Seq2SeqLMHead()
+HEADS = {h.name: h for h in (CAUSAL_LM, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, QUESTION_ANSWERING,
+                             SEQ2SEQ_LM)}
 
 
 def head_named(head: "HeadSpec | str") -> HeadSpec:
@@ -165,6 +196,7 @@ _MAPPINGS = (
     (SEQUENCE_CLASSIFICATION, modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
     (TOKEN_CLASSIFICATION, modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES),
     (QUESTION_ANSWERING, modeling_auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES),
+    (SEQ2SEQ_LM, modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
 )
 
 

@@ -2,6 +2,6 @@
 
 from hfpipe.core.adapters.base import Adapter, UnsupportedModelError
 from hfpipe.core.adapters.registry import get_adapter, register_adapter, supported_families
-from hfpipe.core.adapters import deberta_v2, decoders, encoders  # noqa: F401  (registration)
+from hfpipe.core.adapters import deberta_v2, decoders, encdec, encoders  # noqa: F401  (registration)
 
 __all__ = ["Adapter", "UnsupportedModelError", "get_adapter", "register_adapter", "supported_families"]

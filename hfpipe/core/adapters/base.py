@@ -49,6 +49,29 @@ class Adapter:
     block_class: type | None = None
 
     def block_prelude(self, builder, block_index: int, index: int):
+    #: An encoder-decoder (``hfpipe.core.adapters.encdec``); tasks and generation ask this attribute.
+    encoder_decoder: bool = False
+
+    def pipeline_layers(self, builder):
+        """The whole layer list (``hfpipe.core.builder.LayerInfo``) when the family builds its own (encoder-decoders),
+        or ``None`` for the standard embedding / blocks / final / head list."""
+        return None
+
+    def complete_batch(self, batch: dict) -> dict:
+        """``batch`` with inputs the family derives when absent (encoder-decoders: shifted labels)."""
+        return batch
+
+    def pack_boundary(self, inputs: tuple):
+        """What a stage sends to the next (:func:`hfpipe.core.layers.pack_boundary`)."""
+        from hfpipe.core.layers import pack_boundary
+
+        return pack_boundary(inputs)
+
+    def unpack_boundary(self, received) -> tuple:
+        from hfpipe.core.layers import unpack_boundary
+
+        return unpack_boundary(self, received)
+
         """An extra layer in front of block ``block_index`` (e.g. DeBERTa's shared relative table), as
         ``(spec, layer class, num_params)``, or ``None``. A stage never starts between it and its block."""
         return None
