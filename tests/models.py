@@ -67,7 +67,7 @@ ENCODER_DECODERS = {
 }
 
 #: families handled by an adapter of another family: model_type -> the family whose tiny config fits
-ALIASES = {"xlm-roberta": "roberta", "camembert": "roberta"}
+ALIASES = {"xlm-roberta": "roberta", "camembert": "roberta", "mt5": "t5"}
 
 
 def family_config(model_type: str, **overrides):

@@ -100,12 +100,12 @@ class PipelineBuilder:
 
     def layers(self) -> list[LayerInfo]:
         a = self.adapter
-        infos: list[LayerInfo] = []
-
-        def count(module):
         custom = a.pipeline_layers(self)  # encoder-decoders list their own layers (LayerInfo fields)
         if custom is not None:
             return [LayerInfo(*fields) for fields in custom]
+        infos: list[LayerInfo] = []
+
+        def count(module):
             return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
         if a.embed_path:

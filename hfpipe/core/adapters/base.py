@@ -48,7 +48,6 @@ class Adapter:
     #: Layer class for one block (``None``: :class:`hfpipe.core.layers.Block`).
     block_class: type | None = None
 
-    def block_prelude(self, builder, block_index: int, index: int):
     #: An encoder-decoder (``hfpipe.core.adapters.encdec``); tasks and generation ask this attribute.
     encoder_decoder: bool = False
 
@@ -72,6 +71,7 @@ class Adapter:
 
         return unpack_boundary(self, received)
 
+    def block_prelude(self, builder, block_index: int, index: int):
         """An extra layer in front of block ``block_index`` (e.g. DeBERTa's shared relative table), as
         ``(spec, layer class, num_params)``, or ``None``. A stage never starts between it and its block."""
         return None
