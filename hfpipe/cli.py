@@ -95,7 +95,9 @@ def _plan(p: argparse.ArgumentParser):
     p.add_argument("--partition", default="balanced",
                    help="balanced | balanced:blocks | parameters | uniform | type:<regex> | comma-separated first "
                         "layer of each stage")
-    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--seq-len", type=int, default=4096, help="tokens per example (encoder-decoders: source tokens)")
+    p.add_argument("--target-len", type=int, default=None,
+                   help="encoder-decoders: decoder (target) tokens per example (default: --seq-len)")
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument("--micro-batches", type=int, default=None, help="micro-batches per step (default 4 x stages)")
     p.add_argument("--dp", type=int, default=1, help="data-parallel replicas (ZeRO-1 divides optimizer states)")
@@ -122,6 +124,8 @@ def _plan(p: argparse.ArgumentParser):
                       activation_checkpointing=args.activation_checkpointing, attention_kernel=args.attention,
                       memory_cap_gib=args.max_memory_gib, loss_chunk_tokens=args.loss_chunk_tokens,
                       lora_r=args.lora_r, lora_target_modules=args.lora_target_modules)
+        if args.target_len is not None:
+            kwargs["target_len"] = args.target_len
         if args.compare:
             result = compare(args.model, **kwargs)
             print(format_compare(result))

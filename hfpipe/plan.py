@@ -39,8 +39,10 @@ def load_config(path: str):
     archs = getattr(config, "architectures", None) or []
     try:
         cls = transformers_class(archs[0] if archs else None, f"{path} config.json")
-    except CheckpointError:  # no architectures (or an unknown one): plan the causal LM of this config
-        cls = transformers.AutoModelForCausalLM._model_mapping[type(config)]
+    except CheckpointError:  # no architectures (or an unknown one): plan the (seq2seq) LM of this config
+        auto = (transformers.AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False)
+                else transformers.AutoModelForCausalLM)
+        cls = auto._model_mapping[type(config)]
     return config, cls
 
 
@@ -81,12 +83,13 @@ def plan(model, *, stages: int, partition="balanced", seq_len: int = 4096, micro
          micro_batches: int | None = None, dp: int = 1, zero_stage: int = 0, dtype: str = "bf16",
          activation_checkpointing: bool = False, memory_cap_gib: float | None = None,
          attention_kernel: str = "flash", model_class=None, loss_chunk_tokens: int | None = None,
-         lora_r: int | None = None, lora_target_modules=None) -> dict:
+         lora_r: int | None = None, lora_target_modules=None, target_len: int | None = None) -> dict:
     """The stage split of ``model`` (an HF model, a config + ``model_class``, or a config folder / config.json) and
     each stage's layers, parameters, FLOPs, share of work and memory. ``micro_batches`` defaults to ``4 x stages``;
     ``loss_chunk_tokens`` as in ``to_pipeline`` (the head keeps no logits and runs again in backward). ``lora_r``:
     plan LoRA training at that rank on ``lora_target_modules`` (names or ``"all-linear"``; ``None``: PEFT's default
-    for the family) -- the frozen base holds weights only, the adapters train."""
+    for the family) -- the frozen base holds weights only, the adapters train. ``target_len``: encoder-decoders'
+    decoder tokens per example (``seq_len`` is then the source length; default: ``seq_len``)."""
     if isinstance(model, (str, os.PathLike)):
         model, model_class = load_config(str(model))
     if stages < 1:
@@ -98,7 +101,7 @@ def plan(model, *, stages: int, partition="balanced", seq_len: int = 4096, micro
     infos = builder.layers()
     workload = costs_lib.Workload(seq_len=seq_len, micro_batch_size=micro_batch_size, dtype=dtype,
                                   activation_checkpointing=activation_checkpointing,
-                                  attention_kernel=attention_kernel)
+                                  attention_kernel=attention_kernel, target_len=target_len)
     layer_costs = costs_lib.layer_costs(builder, workload)
     flops = [c.flops for c in layer_costs]
     mem_kwargs = dict(micro_batches=m, dtype=dtype, dp=dp, zero_stage=zero_stage,
@@ -134,7 +137,7 @@ def plan(model, *, stages: int, partition="balanced", seq_len: int = 4096, micro
         "model": name, "model_type": builder.adapter.config.model_type, "stages": stages,
         "partition": partition if isinstance(partition, str) else list(partition), "parts": parts,
         "half_blocks": builder.half_blocks, "num_layers": len(infos), "num_blocks": builder.adapter.num_blocks,
-        "seq_len": seq_len, "micro_batch_size": micro_batch_size, "micro_batches": m, "dp": dp,
+        "seq_len": seq_len, "target_len": target_len, "micro_batch_size": micro_batch_size, "micro_batches": m, "dp": dp,
         "zero_stage": zero_stage, "dtype": dtype, "activation_checkpointing": activation_checkpointing,
         "attention_kernel": attention_kernel, "memory_cap_gib": memory_cap_gib, "loss_chunk_tokens": loss_chunk_tokens,
         "lora_r": lora_r, "lora_target_modules": _targets(builder.lora),
@@ -197,7 +200,9 @@ def format_plan(report: dict) -> str:
         f"hfpipe plan: {r['model']} ({r['num_blocks']} blocks, {r['num_layers']} pipeline layers, "
         f"{'half-blocks' if r['half_blocks'] else 'whole blocks'})  stages={r['stages']} "
         f"partition={r['partition']}",
-        f"workload: seq_len={r['seq_len']} micro_batch_size={r['micro_batch_size']} micro_batches={r['micro_batches']}"
+        f"workload: seq_len={r['seq_len']}"
+        + (f" target_len={r['target_len']}" if r.get("target_len") else "")
+        + f" micro_batch_size={r['micro_batch_size']} micro_batches={r['micro_batches']}"
         f" dp={r['dp']} zero={r['zero_stage']} dtype={r['dtype']} activation_checkpointing="
         f"{'on' if r['activation_checkpointing'] else 'off'} attention={r['attention_kernel']}"
         + (f" loss_chunk_tokens={r['loss_chunk_tokens']}" if r.get("loss_chunk_tokens") else "")

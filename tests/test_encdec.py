@@ -52,3 +52,49 @@ def test_verify_encoder_decoder(dist_pool, model_type, overrides, stages, partit
     check(report)
     if not isinstance(partition, str):
         assert report["parts"][:-1] == partition
+
+
+def _builder(model_type, **overrides):
+    import transformers
+
+    from hfpipe.core.builder import prepare
+
+    config = family_config(model_type, **overrides)
+    return prepare(config, transformers.AutoModelForSeq2SeqLM, device="meta")
+
+
+def test_cost_model_counts_source_and_target_tokens():
+    """Encoder layers cost per source token, decoder layers per target token; a decoder block's cross-attention
+    (keys/values from every source token, every target token attending to every source token) grows with the
+    source: exactly 2 x d x d per K/V projection per extra source token plus 4 x head_dim + 5 per head per
+    (target, source) pair, x3 for forward + backward."""
+    from hfpipe.core.costs import Workload, layer_costs
+
+    b = _builder("bart")
+    short = layer_costs(b, Workload(seq_len=16, target_len=8, dtype="fp32"))
+    long = layer_costs(b, Workload(seq_len=48, target_len=8, dtype="fp32"))
+    names = [c.name for c in short]
+    enc, dec = names.index("EncoderBlock"), names.index("DecoderBlock")
+    d, heads = 32, 4
+    expected = 3 * ((48 - 16) * 2 * (2 * d * d) + 8 * (48 - 16) * heads * (4 * (d // heads) + 5))
+    assert long[dec].flops - short[dec].flops == pytest.approx(expected)
+    assert long[enc].flops > 2.9 * short[enc].flops  # per source token, plus attention over the longer source
+    head = names.index("TiedHead")
+    assert long[head].flops == short[head].flops  # the LM head and loss run on the 8 target tokens either way
+    assert long[0].flops - short[0].flops == pytest.approx(2 * (48 - 16) * d)  # embedding gathers both streams
+
+
+def test_plan_encoder_decoder_target_len():
+    """``hfpipe plan --target-len``: short targets leave most work in the encoder, so the balanced cut moves into it
+    (equal lengths: inside the decoder, whose blocks also cross-attend)."""
+    import transformers
+
+    from hfpipe.plan import format_plan, plan
+
+    config = family_config("t5", num_layers=4, num_decoder_layers=4)
+    cls = transformers.T5ForConditionalGeneration
+    equal = plan(config, model_class=cls, stages=2, seq_len=64, micro_batches=4, dtype="fp32")
+    short = plan(config, model_class=cls, stages=2, seq_len=64, target_len=4, micro_batches=4, dtype="fp32")
+    assert short["parts"][1] < 10 < equal["parts"][1]  # layer 10: the encoder's final norm
+    assert "target_len=4" in format_plan(short)
+    assert short["stage_rows"][0]["layers"].startswith("embed, B0")

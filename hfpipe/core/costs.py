@@ -76,6 +76,8 @@ class Workload:
     dtype: str = "bf16"
     activation_checkpointing: bool = False
     attention_kernel: str = "flash"
+    #: encoder-decoders: decoder (target) tokens per example; ``seq_len`` is then the source length (default: equal)
+    target_len: int | None = None
 
     def __post_init__(self):
         if self.dtype not in DTYPE_BYTES:
@@ -168,6 +170,8 @@ def layer_costs(builder, workload: Workload | None = None, **workload_kwargs) ->
     (:func:`trainable_params`); other builders (``to_pipeline``'s, which only need FLOPs) leave it ``None``."""
     w = workload or Workload(**workload_kwargs)
     a, config = builder.adapter, builder.adapter.config
+    if a.encoder_decoder:
+        return _encdec_layer_costs(builder, w)
     hidden = int(config.hidden_size)
     heads, head_dim = _attention_dims(config)
     act_b = DTYPE_BYTES[w.dtype]
@@ -242,6 +246,75 @@ def layer_costs(builder, workload: Workload | None = None, **workload_kwargs) ->
         flops = fwd * (1.0 + bwd_factor + recompute)
         costs.append(LayerCost(index, info.name, layer.kind, layer.part, info.block, int(params), fwd, flops,
                                act_elems * act_b, ckpt_elems * act_b, trainable[index] if trainable else None))
+    return costs
+
+
+def _encdec_layer_costs(builder, w: Workload) -> list[LayerCost]:
+    """:func:`layer_costs` for an encoder-decoder (``hfpipe.core.adapters.encdec``): encoder layers work on the
+    ``seq_len`` source tokens, decoder layers on the ``target_len`` target tokens; every decoder block also projects
+    the encoder output to cross-attention keys and values (source tokens) and attends from each target token to every
+    source token. The encoder output rides along with the decoder's activations through the decoder stages."""
+    a, config = builder.adapter, builder.adapter.config
+    hidden = int(config.d_model if hasattr(config, "d_model") else config.hidden_size)
+    heads = int(getattr(config, "num_heads", None) or config.num_attention_heads)
+    head_dim = int(getattr(config, "d_kv", None) or hidden // heads)
+    act_b = DTYPE_BYTES[w.dtype]
+    src, tgt = w.seq_len, w.target_len or w.seq_len
+    tokens = {"encoder": float(src * w.micro_batch_size), "decoder": float(tgt * w.micro_batch_size)}
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    infos = builder.layers()
+    trainable = trainable_params(builder, infos) if torch.device(builder.device).type == "meta" else None
+    per_head = 4.0 * head_dim + 5.0
+    costs = []
+    for index, info in enumerate(infos):
+        layer, params = info.layer, info.num_params
+        stack = getattr(layer, "stack", "decoder")  # None: the shared table, embedding both
+        T = tokens.get(stack, 0.0)
+        bwd_factor, recompute, ckpt = 2.0, 0.0, None
+        if layer.kind is LayerKind.BLOCK:
+            block = a.blocks(stack)[info.block - (0 if stack == "encoder" else a.num_encoder_blocks)]
+            matmul, out, norms = _module_work(block, config)
+            fwd = T * (matmul + ELEMENTWISE_FLOPS * out + NORM_FLOPS * norms * hidden + hidden)
+            act = T * (hidden + out + norms * hidden)
+            if stack == "encoder":
+                fwd += T * src * heads * per_head  # bidirectional self-attention
+            else:
+                kv = sum(2.0 * p.numel() for path in a.cross_kv_paths for p in block.get_submodule(path).parameters()
+                         if p.dim() >= 2)
+                fwd += (tokens["encoder"] - T) * kv  # cross keys/values are projected from the source tokens
+                ctx = float(tgt) if w.attention_kernel == "dense" else (tgt + 1) / 2.0
+                fwd += T * (ctx + src) * heads * per_head  # causal self-attention + cross-attention to every source
+                act += tokens["encoder"] * 2 * hidden  # cross-attention keys and values
+                if w.attention_kernel == "dense":
+                    act += T * heads * (tgt + src)
+            if stack == "encoder" and w.attention_kernel == "dense":
+                act += T * heads * src
+            ckpt = T * hidden
+            recompute = 1.0 if w.activation_checkpointing else 0.0
+        elif layer.kind is LayerKind.PRELUDE:  # T5's relative-position bias: a gather of heads x L x L per micro-batch
+            n = float(w.micro_batch_size * (src if stack == "encoder" else tgt) ** 2 * heads)
+            fwd, bwd_factor, act = n, 1.0, n
+        elif stack is None:  # the shared table: both gathers; backward is a scatter-add into the table
+            fwd, bwd_factor = (tokens["encoder"] + tokens["decoder"]) * hidden, 1.0
+            act = (tokens["encoder"] + tokens["decoder"]) * 4
+        elif layer.kind is LayerKind.EMBEDDING or layer.kind is LayerKind.FINAL:  # stack shell / final norm
+            module = a.stack_shell(stack) if layer.kind is LayerKind.EMBEDDING else nn.ModuleList(
+                [getattr(a.stack(stack), n) for n in a.stack_final_names])
+            matmul, out, norms = _module_work(module, config)
+            fwd = T * (matmul + ELEMENTWISE_FLOPS * (out + 2 * hidden) + NORM_FLOPS * norms * hidden)
+            act = T * hidden * (1 + norms)
+        else:  # LM head and loss over the target tokens
+            out_emb = a.meta_model.get_output_embeddings()
+            fwd = T * (2.0 * out_emb.weight.numel() + ELEMENTWISE_FLOPS * vocab + LOSS_FLOPS_PER_LOGIT * vocab)
+            params = params or out_emb.weight.numel()
+            act = T * vocab * (1 + 8 / act_b) + T * hidden
+        # what crosses the stage: the encoder output travels with the decoder's hidden states
+        if stack == "decoder" and layer.kind is not LayerKind.HEAD:
+            act += tokens["encoder"] * hidden * (0 if layer.kind is LayerKind.BLOCK else 1)
+        flops = fwd * (1.0 + bwd_factor + recompute)
+        costs.append(LayerCost(index, info.name, layer.kind, layer.part, info.block, int(params), fwd, flops,
+                               act * act_b, (ckpt if ckpt is not None else act) * act_b,
+                               trainable[index] if trainable else None))
     return costs
 
 

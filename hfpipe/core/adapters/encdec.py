@@ -69,6 +69,8 @@ class EncDecAdapter(Adapter):
     needs_decoder_start: bool = True
     #: T5: relative position bias tables shared by the blocks of each stack
     relative_bias: bool = False
+    #: decoder-block modules projecting the encoder output to cross-attention keys / values (cost model)
+    cross_kv_paths: tuple[str, ...] = ("encoder_attn.k_proj", "encoder_attn.v_proj")
 
     def __init__(self, config, model_class, meta_model):
         self.config = config
@@ -346,6 +348,7 @@ class SharedEmbedding(PipeLayer):
     kind = LayerKind.EMBEDDING
     plan_label = "embed"
     layer_name = "Embedding"
+    stack = None  # embeds for both stacks
 
     def __init__(self, builder, index: int):
         super().__init__(builder, index)
@@ -380,6 +383,7 @@ class TiedSeq2SeqHead(LayerTraits):
     kind = LayerKind.HEAD
     plan_label = "head"
     layer_name = "TiedHead"
+    stack = "decoder"
 
     def __call__(self, embedding, inputs):
         return run_head(embedding.head, embedding.adapter, inputs)
@@ -390,6 +394,7 @@ class Seq2SeqHead(PipeLayer):
 
     kind = LayerKind.HEAD
     plan_label = "head"
+    stack = "decoder"
 
     def __init__(self, builder, index: int):
         super().__init__(builder, index)
@@ -571,6 +576,7 @@ class T5Adapter(EncDecAdapter):
     head_body_paths = ("decoder", "encoder", "shared")
     relative_bias = True
     bias_path = "layer.0.SelfAttention"
+    cross_kv_paths = ("layer.1.EncDecAttention.k", "layer.1.EncDecAttention.v")
 
     def max_source_positions(self):
         return None
