@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.dirname(__file__))
 from models import tiny_config  # noqa: E402
@@ -138,7 +139,7 @@ def rank_lm_train(out_dir: str, loss_chunk_tokens: int = 0):
             "eval": [(h["step"], h["eval_loss"]) for h in trainer.state.log_history if "eval_loss" in h]}
 
 
-class SnapshotOnSave:
+class SnapshotOnSave(TrainerCallback):
     def __init__(self):
         self.trainer, self.saved = None, {}
 
@@ -214,10 +215,13 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(dist_pool, tmp_path):
     assert a["lr"] == pytest.approx([0.0, 5e-4, 1e-3, 7.5e-4, 5e-4, 2.5e-4])
     ckpt = tmp_path / "a" / "checkpoint-3"
     assert (ckpt / "trainer_state.json").is_file() and (ckpt / "rng_state_1.pth").is_file()
-    import json
+    from transformers import TrainerState
 
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    assert state["data_position"] == {"epoch": 0, "batch_in_epoch": 3, "examples_seen": 12}
+    from hfpipe.training.state import read_state
+
+    state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))  # HF's own file
+    assert (state.global_step, state.max_steps, state.train_batch_size, len(state.log_history)) == (3, 6, 4, 3)
+    assert read_state(str(ckpt))["data_position"] == {"epoch": 0, "batch_in_epoch": 3, "examples_seen": 12}
 
 
 @pytest.mark.parametrize("loss_chunk_tokens", [0, 5])
@@ -248,7 +252,7 @@ def test_pipeline_trainer_matches_hf_trainer(dist_pool, tmp_path, loss_chunk_tok
     assert pipe["eval"][-1][1] == pytest.approx(hf_eval, rel=1e-5)
     # logging: callbacks in TrainerCallback order, JSONL, TensorBoard events, PNG curve
     names = [e for e, _ in pipe["events"]]
-    assert names[0] == "on_train_begin" and names[-1] == "on_train_end"
+    assert names[:3] == ["on_init_end", "on_train_begin", "on_epoch_begin"] and names[-1] == "on_train_end"
     assert names.count("on_step_end") == 4 and names.count("on_evaluate") == 2 and names.count("on_log") == 6
     lines = (tmp_path / "pipe" / "log.jsonl").read_text().splitlines()
     assert len(lines) == 6 and '"tokens_per_second"' in lines[0]

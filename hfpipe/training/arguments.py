@@ -1,33 +1,85 @@
-"""``PipelineTrainingArguments``: the trainer's settings, one dataclass parsed with ``transformers.HfArgumentParser``.
+"""``PipelineTrainingArguments``: a ``transformers.TrainingArguments`` plus the pipeline's fields.
 
-Names follow HF ``TrainingArguments`` so that flags users know keep their meaning; the pipeline adds
-``--num_stages``, ``--partition_method`` and ``--activation_checkpoint_interval``. Defaults run on a CPU machine.
+It *is* a ``TrainingArguments`` (subclass), so every flag a Trainer user types parses with its HF meaning and
+default (``--do_train``, ``--optim``, fractional ``--save_steps``, ``--report_to all``, ...). Each HF field the
+pipeline cannot honour as HF does is either mapped (:data:`MAPPED`: ``--gradient_checkpointing`` -> activation
+checkpointing, ``--optim adamw_torch[_fused]`` -> the DeepSpeed optimizer) or refused in ``__post_init__`` with one
+line naming why and the alternative (:data:`REFUSED`); the README's Trainer section lists both. HF's device set-up
+(``Accelerate``'s ``PartialState``, which would join a process group) and its DeepSpeed plugin are skipped: the
+pipeline joins the group itself and merges DeepSpeed settings with one precedence rule (``hfpipe.training.config``).
+
 ``per_device_train_batch_size`` is DeepSpeed's micro-batch and ``gradient_accumulation_steps`` the number of
-micro-batches per optimizer step (the pipeline's schedule length). How these merge with an Accelerate config and a
-DeepSpeed JSON is in ``hfpipe.training.config``.
+micro-batches per optimizer step (the pipeline's schedule length). :func:`parse_args` parses with
+``HfArgumentParser`` (an args ``.json``/``.yaml`` file as the single argument too), takes recipe defaults through
+``set_defaults`` (so ``--help`` shows them) and records which fields were typed.
 """
 
 from __future__ import annotations
 
+import argparse
+import math
 import dataclasses
-import importlib.util
+import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Sequence
 
+from transformers import HfArgumentParser, TrainingArguments
 
-def _default_report_to() -> list[str]:
-    return ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else []
+
+class ArgumentsError(ValueError):
+    """A bad command line or args file: one line, exit status 2 (``hfpipe.training.failfast``)."""
+
+
+#: HF field -> what the pipeline does with it (README "Trainer flags" table, mapped rows)
+MAPPED = {
+    "gradient_checkpointing": "activation checkpointing of every layer (--activation_checkpoint_interval 1)",
+    "activation_checkpointing": "the same as --gradient_checkpointing",
+    "optim": "adamw_torch / adamw_torch_fused -> DeepSpeed's optimizer (torch AdamW; fused: torch's fused kernel)",
+    "deepspeed": "a DeepSpeed JSON merged below the command line (hfpipe.training.config)",
+    "warmup_steps": "HF's meaning: a value < 1 is a ratio of the training steps",
+    "logging_steps": "HF's meaning (< 1: ratio of the training steps); save_steps and eval_steps too",
+    "report_to": "transformers' own integration callbacks (all, none, tensorboard, wandb, mlflow, ...)",
+    "lr_scheduler_type": "transformers.get_scheduler (with --lr_scheduler_kwargs)",
+    "logging_dir": "TensorBoard's folder (HF 4.x flag; transformers 5 reads $TENSORBOARD_LOGGING_DIR)",
+    "overwrite_output_dir": "start afresh; without it a run resumes from the last checkpoint in output_dir",
+    "local_rank": "set by the launcher; the pipeline reads the process group",
+}
+
+#: HF field -> (value that is fine, why refused and what to use instead)
+REFUSED = {
+    "fsdp": ("", "FSDP shards differently from a DeepSpeed pipeline; use --num_stages (and ZeRO-1 in "
+                 "--deepspeed) to split the model"),
+    "fsdp_config": (None, "FSDP shards differently from a DeepSpeed pipeline; use --num_stages"),
+    "torch_compile": (False, "the pipeline engine runs eager layers; remove --torch_compile"),
+    "use_liger_kernel": (False, "Liger kernels patch the HF model, which the pipeline rebuilds; remove "
+                                "--use_liger_kernel"),
+    "neftune_noise_alpha": (None, "NEFTune hooks the HF embedding module, not the pipeline's; remove it"),
+    "label_smoothing_factor": (0.0, "the pipeline computes the model's own loss; remove it"),
+    "auto_find_batch_size": (False, "the pipeline's buffers are sized once; set --per_device_train_batch_size"),
+    "bf16_full_eval": (False, "evaluation runs in the training precision; use --bf16"),
+    "fp16_full_eval": (False, "evaluation runs in the training precision; use --fp16"),
+    "save_only_model": (False, "checkpoints hold the DeepSpeed engine state; export with output_dir/final"),
+    "eval_delay": (0, "evaluate from a later step with --eval_steps"),
+    "label_names": (None, "the pipeline's head names its label columns"),
+    "prediction_loss_only": (False, "evaluation returns metrics and predictions; ignore the ones you do not need"),
+    "parallelism_config": (None, "the pipeline's parallelism is --num_stages x --dp"),
+}
+#: --optim values the pipeline maps (DeepSpeed's optimizer with torch AdamW)
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+#: --lr_scheduler_type values that need a metric each step (not supported by the pipeline loop)
+METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
 
 
 @dataclass
-class PipelineTrainingArguments:
-    output_dir: str = field(default="out", metadata={"help": "Where checkpoints, logs and the final model go."})
-    deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON (e.g. ds_configs/cpu_fp32.json)."})
+class PipelineTrainingArguments(TrainingArguments):
+    num_stages: int | None = field(default=None, metadata={"help": "Pipeline stages; default: all processes of a "
+                                                                   "data-parallel replica (world size / --dp)."})
+    dp: int | None = field(default=None, metadata={"help": "Data-parallel replicas (default: world size / "
+                                                           "--num_stages, or 1 when --num_stages is unset)."})
     accelerate_config: str | None = field(
         default=None, metadata={"help": "Accelerate config YAML, or 'default' ($HF_HOME/accelerate/default_config"
                                         ".yaml); the ACCELERATE_* variables of `accelerate launch` are read too."})
-    num_stages: int = field(default=2, metadata={"help": "Pipeline stages; world size / stages = data-parallel "
-                                                         "replicas."})
     partition_method: str = field(
         default="balanced", metadata={"help": "balanced | balanced:blocks | parameters | uniform | type:<regex> | "
                                                 "comma-separated first layer index of each stage."})
@@ -35,57 +87,19 @@ class PipelineTrainingArguments:
                                    "at a time (logits recomputed in backward), never holding the full tokens x vocab "
                                    "fp32 logits; 0: HF's loss on full logits."})
     activation_checkpoint_interval: int = field(default=0, metadata={"help": "Checkpoint activations every N "
-                                                                             "layers (0: off)."})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "Micro-batch size (DeepSpeed "
-                                                                          "train_micro_batch_size_per_gpu)."})
-    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Micro-batch size for evaluation."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step; use "
-                                                                          ">= num_stages to keep the pipeline busy."})
-    learning_rate: float = field(default=5e-5, metadata={"help": "Peak AdamW learning rate."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not applied to biases and "
-                                                               "norms, as in HF Trainer)."})
-    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
-    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
-    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "Any transformers.get_scheduler name "
-                                                                       "(linear, cosine, constant, ...)."})
-    warmup_ratio: float = field(default=0.0, metadata={"help": "Warm-up as a fraction of the training steps."})
-    warmup_steps: int = field(default=0, metadata={"help": "Warm-up steps (overrides --warmup_ratio)."})
-    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps to run (> 0 overrides epochs)."})
-    num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs when --max_steps is not set."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (DeepSpeed gradient_clipping; "
-                                                                "0: off)."})
-    train_sampling_strategy: str = field(default="random", metadata={"help": "random (seeded per epoch) | "
-                                                                             "sequential."})
-    logging_steps: int = field(default=10, metadata={"help": "Log every N optimizer steps."})
-    eval_strategy: str = field(default="no", metadata={"help": "no | steps | epoch."})
-    eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (eval_strategy=steps; "
-                                                                   "default: logging_steps)."})
-    save_strategy: str = field(default="steps", metadata={"help": "no | steps | epoch."})
-    save_steps: int | None = field(default=None, metadata={"help": "Checkpoint every N steps (None: only at the "
-                                                                   "end)."})
-    save_total_limit: int | None = field(default=None, metadata={"help": "Keep at most N checkpoints (the best one "
-                                                                         "is kept too)."})
-    resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "A checkpoint-N folder, or 'latest' for the newest one in output_dir."})
-    seed: int = field(default=42, metadata={"help": "Seed for initialisation, shuffling and dropout."})
-    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (fp32 gradient accumulation)."})
-    fp16: bool = field(default=False, metadata={"help": "fp16 mixed precision with dynamic loss scaling."})
-    report_to: list[str] = field(default_factory=_default_report_to,
-                                 metadata={"help": "Trackers: tensorboard, wandb, mlflow (those installed), or none."})
-    run_name: str | None = field(default=None, metadata={"help": "Run name for trackers."})
+                                                                             "layers (0: off; --gradient_checkpointing"
+                                                                             " sets 1)."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Warm-up as a fraction of the training steps (HF 4.x "
+                                                               "flag; transformers 5: --warmup_steps < 1)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Ignore checkpoints in output_dir (without "
+                                                                        "it, a run resumes from the last one)."})
+    logging_dir: str | None = field(default=None, metadata={"help": "TensorBoard log folder (default: HF's, "
+                                                                    "output_dir/runs/<time>_<host>)."})
     max_seq_length: int = field(default=384, metadata={"help": "Every batch is padded to this length (the pipeline "
                                                                "reuses buffers sized for the first shape)."})
-    metric_for_best_model: str | None = field(default=None, metadata={"help": "Metric that picks the best "
-                                                                              "checkpoint (e.g. eval_f1)."})
-    greater_is_better: bool | None = field(default=None, metadata={"help": "Default: True unless the metric is a "
-                                                                           "loss."})
-    load_best_model_at_end: bool = field(default=False, metadata={"help": "Export the best checkpoint instead of "
-                                                                          "the last."})
     export_final_model: bool = field(default=True, metadata={"help": "Write an HF folder to output_dir/final."})
-    push_to_hub: bool = field(default=False, metadata={"help": "Push the exported model to the Hub at the end."})
-    hub_model_id: str | None = field(default=None, metadata={"help": "Repo id for --push_to_hub."})
-    hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    export_dtype: str = field(default="float32", metadata={"help": "dtype of output_dir/final: float32 (the fp32 "
+                              "master weights of a bf16/fp16 run), bfloat16, float16, or auto (the training dtype)."})
     predict_with_generate: bool = field(default=False, metadata={"help": "Evaluate on generated ids "
                                                                           "(text-to-text)."})
     generation_max_length: int = field(default=64, metadata={"help": "Max new tokens with "
@@ -101,36 +115,104 @@ class PipelineTrainingArguments:
     lora_modules_to_save: str | None = field(
         default=None, metadata={"help": "Comma-separated modules trained in full besides the adapters (PEFT adds "
                                         "the task head of sequence classification itself)."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA (with --lora_r): each stage stores its frozen "
+                                                            "linear weights in 4 bits as it loads them (bitsandbytes "
+                                                            "nf4, double quantisation, bf16 compute)."})
     peft_config: str | None = field(
         default=None, metadata={"help": "A PEFT adapter_config.json (or a folder holding one) to train instead of "
                                         "the --lora_* flags; --lora_* flags set besides it must agree with it."})
-    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
+    peft_adapter: str | None = field(
+        default=None, metadata={"help": "A PEFT adapter folder or Hub id to continue training (its config is the "
+                                        "LoRA config; each rank reads only its own stage's adapter tensors)."})
+    merge_lora: bool = field(default=False, metadata={"help": "With LoRA: also write output_dir/merged, the base with "
+                                                              "the adapter merged in (PEFT's merge_and_unload), "
+                                                              "loadable with from_pretrained."})
     plot_curves: bool = field(default=True, metadata={"help": "Write output_dir/training_curves.png at the end."})
 
     def __post_init__(self):
-        for name in ("eval_strategy", "save_strategy"):
-            if getattr(self, name) not in ("no", "steps", "epoch"):
-                raise ValueError(f"--{name} {getattr(self, name)!r}: expected 'no', 'steps' or 'epoch'.")
+        for name, (fine, why) in REFUSED.items():
+            value = getattr(self, name, fine)
+            if not (value == fine or value in (None, "", [], {}, False)):
+                raise ArgumentsError(f"--{name} {value!r} is not supported by the pipeline trainer: {why}.")
+        if str(self.optim) not in OPTIMIZERS:
+            raise ArgumentsError(f"--optim {self.optim}: the pipeline trains with DeepSpeed's optimizer (torch "
+                                 f"AdamW); use --optim {' or '.join(OPTIMIZERS)}.")
+        if str(self.lr_scheduler_type) in METRIC_SCHEDULERS:
+            raise ArgumentsError(f"--lr_scheduler_type {self.lr_scheduler_type} steps on an eval metric, which the "
+                                 "pipeline loop does not feed it; use linear, cosine, constant_with_warmup, ...")
+        if str(getattr(self, "save_strategy", "")) == "best":
+            raise ArgumentsError("--save_strategy best is not supported; use --save_strategy steps with "
+                                 "--metric_for_best_model (the best checkpoint is kept by --save_total_limit).")
         if self.train_sampling_strategy not in ("random", "sequential"):
-            raise ValueError(f"--train_sampling_strategy {self.train_sampling_strategy!r}: expected 'random' or "
-                             "'sequential'.")
-        if isinstance(self.report_to, str):
-            self.report_to = [self.report_to]
-        if self.report_to in (["none"], ["None"]):
-            self.report_to = []
-        if self.greater_is_better is None and self.metric_for_best_model:
-            self.greater_is_better = not self.metric_for_best_model.endswith("loss")
-        if self.load_best_model_at_end and not self.metric_for_best_model:
+            raise ArgumentsError(f"--train_sampling_strategy {self.train_sampling_strategy!r}: expected 'random' or "
+                                 "'sequential'.")
+        if self.export_dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise ArgumentsError(f"--export_dtype {self.export_dtype!r}: expected float32, bfloat16, float16 or "
+                                 "auto.")
+        for name in ("num_stages", "dp"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ArgumentsError(f"--{name} {getattr(self, name)}: expected a positive number.")
+        if self.logging_dir:
+            os.environ.setdefault("TENSORBOARD_LOGGING_DIR", self.logging_dir)  # where HF's TensorBoard writes
+        # HF's own bf16 check wants a GPU; the pipeline trains bf16 on CPU ranks too (DeepSpeed decides)
+        deepspeed, bf16 = self.deepspeed, self.bf16
+        self.deepspeed, self.bf16 = None, False  # no HF DeepSpeed plugin: hfpipe.training.config merges the JSON
+        saved_env = os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+        try:
+            super().__post_init__()
+        except ValueError as exc:
+            raise ArgumentsError(str(exc).replace("\n", " ")) from None
+        finally:
+            self.deepspeed, self.bf16 = deepspeed, bf16
+            if saved_env is not None:
+                os.environ["ACCELERATE_USE_DEEPSPEED"] = saved_env
+        if bf16:
+            self.mixed_precision = "bf16"
+        if self.activation_checkpointing and not self.activation_checkpoint_interval:
+            self.activation_checkpoint_interval = 1
+        if self.load_best_model_at_end and self.metric_for_best_model == "loss":
             self.metric_for_best_model = "eval_loss"
-            self.greater_is_better = False
         self.lora_config()  # bad LoRA flags: one error now, before any model loads
+
+    @cached_property
+    def _setup_devices(self):
+        """The rank's device without Accelerate's ``PartialState`` (which would join a process group before the
+        pipeline does): the local GPU when there is one, else the CPU."""
+        import torch
+
+        self._n_gpu = 1 if torch.cuda.is_available() and not self.use_cpu else 0
+        if self._n_gpu:
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        return torch.device("cpu")
+
+    def steps(self, name: str, max_steps: int) -> int:
+        """``logging_steps`` / ``save_steps`` / ``eval_steps`` in optimizer steps: a value < 1 is a ratio of
+        ``max_steps`` (rounded up, as HF Trainer does); 0 / None: never."""
+        value = getattr(self, name)
+        if not value:
+            return 0
+        return int(math.ceil(max_steps * value)) if value < 1 else int(value)
+
+    def warmup(self, max_steps: int) -> int:
+        """Warm-up steps: ``--warmup_steps`` (< 1: a ratio, HF 5), else ``--warmup_ratio``."""
+        if self.warmup_steps:
+            return self.steps("warmup_steps", max_steps)
+        return math.ceil(self.warmup_ratio * max_steps)
 
     def lora_config(self, task_type: str | None = None):
         """The ``peft.LoraConfig`` the ``--lora_*`` / ``--peft_config`` flags ask for (``None``: LoRA off);
         ``task_type`` (the head's) where the config names none (``hfpipe.core.lora.to_lora_config``)."""
-        from hfpipe.core.lora import to_lora_config
+        from hfpipe.core.lora import LoraConfigError, to_lora_config
 
-        return to_lora_config(self, task_type)
+        config = to_lora_config(self, task_type)
+        if self.load_in_4bit and config is None:
+            raise LoraConfigError("--load_in_4bit quantises the frozen base, which trains only through adapters "
+                                  "(QLoRA). Fix: add --lora_r R (e.g. 8) or --peft_config adapter_config.json.")
+        if self.load_in_4bit and getattr(self, "merge_lora", False):
+            raise LoraConfigError("--merge_lora with --load_in_4bit: merging would round the adapter into the nf4 "
+                                  "base. Fix: drop --merge_lora and merge the saved adapter into the "
+                                  "full-precision base afterwards (hfpipe export --merge-lora).")
+        return config
 
     @property
     def partition(self):
@@ -140,44 +222,111 @@ class PipelineTrainingArguments:
         return parse_partition_method(self.partition_method)
 
 
-def parse_args(dataclass_types: Sequence[type] = (PipelineTrainingArguments,), argv: Sequence[str] | None = None):
-    """``HfArgumentParser(dataclass_types).parse_args_into_dataclasses(argv)``, remembering which
-    ``PipelineTrainingArguments`` fields were named on the command line (they count as explicit even when equal to
-    their default; see ``hfpipe.training.config``)."""
+class _Parser(HfArgumentParser):
+    """``HfArgumentParser`` whose errors raise :class:`ArgumentsError` (one line, the caller decides which rank
+    prints it) instead of printing usage and exiting on every rank."""
+
+    def error(self, message):
+        raise ArgumentsError(f"{message}; see --help.")
+
+
+def parser(dataclass_types: Sequence[type] = (PipelineTrainingArguments,), defaults: dict | None = None,
+           **kwargs) -> HfArgumentParser:
+    """The ``HfArgumentParser`` of ``dataclass_types`` with ``defaults`` set through ``set_defaults`` (``--help``
+    shows them; a default naming no field is an error)."""
+    p = _Parser(list(dataclass_types), **kwargs)
+    if defaults:
+        dests = {a.dest for a in p._actions}
+        unknown = sorted(set(defaults) - dests)
+        if unknown:
+            raise ArgumentsError(f"recipe defaults {unknown} match no argument field.")
+        p.set_defaults(**defaults)
+    return p
+
+
+def parse_args(dataclass_types: Sequence[type] = (PipelineTrainingArguments,), argv: Sequence[str] | None = None,
+               defaults: dict | None = None):
+    """``HfArgumentParser(dataclass_types)`` over ``argv`` (default ``sys.argv[1:]``), or over the args file when
+    ``argv`` is one ``.json``/``.yaml``/``.yml`` path (as HF's example scripts accept); ``defaults`` through
+    ``set_defaults``. Each ``PipelineTrainingArguments`` remembers the fields the user named
+    (``_explicit_fields``: flags typed, or keys of the file), which count as explicit even when equal to their
+    default (``hfpipe.training.config``). Unknown flags and bad values: :class:`ArgumentsError`."""
     import sys
 
-    from transformers import HfArgumentParser
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    out = HfArgumentParser(list(dataclass_types)).parse_args_into_dataclasses(args=argv)
+    p = parser(dataclass_types, defaults)
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        out, named = _parse_file(p, argv[0], defaults or {})
+    else:
+        out = p.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        *out, remaining = out
+        if remaining:
+            raise ArgumentsError(f"unrecognized arguments: {' '.join(remaining)}; see --help.")
+        named = _named(p, argv)
     for obj in out:
         if isinstance(obj, PipelineTrainingArguments):
-            obj._explicit_fields = set()
-            obj._explicit_fields = explicit_fields(obj, argv)
-    return out
+            obj._explicit_fields = named & {f.name for f in dataclasses.fields(obj)}
+    return tuple(out)
 
 
-def explicit_fields(args, argv: Sequence[str] | None = None) -> set[str]:
-    """Fields of ``args`` the user set: named in ``argv``; for arguments not parsed by
-    :func:`parse_args` also every field whose value differs from the dataclass default. (Values a
-    recipe writes into parsed arguments afterwards are recipe defaults, not explicit.)"""
-    defaults = {}
+def _parse_file(p: HfArgumentParser, path: str, defaults: dict):
+    import json
+
+    if not os.path.isfile(path):
+        raise ArgumentsError(f"args file {path}: no such file; pass a .json or .yaml file of argument names and "
+                             "values, or the flags themselves.")
+    with open(path) as f:
+        try:
+            if path.endswith(".json"):
+                data = json.load(f)
+            else:
+                import yaml
+
+                data = yaml.safe_load(f)
+        except Exception as exc:  # noqa: BLE001 -- any parse error of the file: one line
+            raise ArgumentsError(f"args file {path} does not parse: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ArgumentsError(f"args file {path}: expected a mapping of argument names to values, got "
+                             f"{type(data).__name__}.")
+    try:
+        out = p.parse_dict({**defaults, **data})
+    except ValueError as exc:
+        raise ArgumentsError(f"args file {path}: {exc}") from None
+    return out, set(data)
+
+
+def _named(p: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """Destinations the command line names (argparse itself decides: abbreviations, ``--no_x``, ``--a=b``): the
+    same parse with every default suppressed leaves only what was given."""
+    saved = [(a, a.default) for a in p._actions]
+    saved_defaults = dict(p._defaults)
+    try:
+        for a, _ in saved:
+            a.default = argparse.SUPPRESS
+        p._defaults.clear()
+        ns, _ = p.parse_known_args(argv)
+    finally:
+        for a, d in saved:
+            a.default = d
+        p._defaults.update(saved_defaults)
+    return set(vars(ns))
+
+
+def explicit_fields(args) -> set[str]:
+    """Fields of ``args`` the user set: those :func:`parse_args` saw named; for arguments built in Python, every
+    field whose value differs from its default. (Values a recipe writes into parsed arguments afterwards are recipe
+    defaults, not explicit.)"""
+    pre = getattr(args, "_explicit_fields", None)
+    if pre is not None:
+        return set(pre)
+    out = set()
     for f in dataclasses.fields(args):
         if f.default is not dataclasses.MISSING:
-            defaults[f.name] = f.default
+            default = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            defaults[f.name] = f.default_factory()  # type: ignore[misc]
-    pre = getattr(args, "_explicit_fields", None)
-    if pre is not None:  # parsed by hfpipe.training.arguments.parse_args: exactly the flags that were typed
-        out = set(pre)
-    else:
-        out = {name for name, default in defaults.items() if getattr(args, name) != default}
-    if argv:
-        flags = set()
-        for tok in argv:
-            if tok.startswith("--"):
-                flags.add(tok[2:].split("=", 1)[0].replace("-", "_"))
-        for name in defaults:
-            if name in flags or f"no_{name}" in flags:
-                out.add(name)
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            continue
+        if getattr(args, f.name, default) != default:
+            out.add(f.name)
     return out

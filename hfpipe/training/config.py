@@ -8,9 +8,9 @@ explicit layers give *different* values for the same setting the run stops with 
 Trainer does for ``--deepspeed``): silently preferring one would train something the user did not ask for. So
 ``--fp16`` with a JSON that enables bf16 is an error, ``--gradient_accumulation_steps 8`` with a JSON saying 8 is fine.
 
-"Explicit command-line argument" means a flag the user typed: a field named in ``argv`` (``--name``, ``--name=v``,
-``--name-with-dashes``, ``--no_name``), or, for arguments built in Python, a field whose value differs from the
-dataclass default. The merged config is validated before any process group is joined, with the rules of
+"Explicit command-line argument" means a flag the user typed (``hfpipe.training.arguments.parse_args`` records them:
+argparse itself decides what ``--name-with-dashes``, ``--no_name`` or an abbreviation names) or a key of the args
+file; for arguments built in Python, a field whose value differs from the dataclass default. The merged config is validated before any process group is joined, with the rules of
 ``hfpipe.core.dsconfig`` (ZeRO 2/3, offload, batch sizes that do not multiply out, two precisions, stage count vs. world
 size), each value named with its source.
 """
@@ -46,6 +46,7 @@ CLI_FIELDS = {
     "num_stages": "num_stages",
     "partition_method": "partition_method",
     "activation_checkpoint_interval": "activation_checkpoint_interval",
+    "optim": "optim",
 }
 FALLBACK_DEFAULTS = {"zero_stage": 0, "train_batch_size": None}
 
@@ -126,6 +127,7 @@ def _flatten_pipeline(settings: dict, sources: dict) -> None:
 
 
 def _describe_cli(field: str, value) -> str:
+    value = getattr(value, "value", value)  # HF's str enums (--optim)
     return f"command line --{field}" + ("" if isinstance(value, bool) else f" {value}")
 
 
@@ -135,11 +137,12 @@ def resolve_ds_config(args, world_size: int | None, *, argv: Sequence[str] | Non
                       accelerate: tuple[dict, dict] | None = None) -> tuple[dict, dict]:
     """``(ds_config, sources)`` for ``args`` (a ``PipelineTrainingArguments``) on ``world_size`` processes.
 
-    ``sources[setting]`` says where each value came from. ``accelerate`` injects the Accelerate layer (tests);
+    ``sources[setting]`` says where each value came from (``argv`` is accepted for older callers and not read:
+    parsed arguments know their explicit fields). ``accelerate`` injects the Accelerate layer (tests);
     otherwise it is read from ``args.accelerate_config`` and ``env`` (default ``os.environ``). ``world_size=None``
     (``hfpipe ds-config`` without a launch): Accelerate's ``num_processes`` if given, else one replica per stage.
     """
-    explicit = explicit_fields(args, argv)
+    explicit = explicit_fields(args)
     acc, acc_src = accelerate if accelerate is not None else _accelerate_layer(args, env)
     acc, acc_src = dict(acc), dict(acc_src)
     _flatten_pipeline(acc, acc_src)
@@ -189,6 +192,19 @@ def resolve_ds_config(args, world_size: int | None, *, argv: Sequence[str] | Non
         elif key in FALLBACK_DEFAULTS:
             settings[key], sources[key] = FALLBACK_DEFAULTS[key], DEFAULT
     _check_precision(settings, sources, layers)
+    if settings["num_stages"] is None:  # all processes of a replica
+        dp = getattr(args, "dp", None) or 1
+        world = world_size if world_size is not None else dp
+        if world % dp:
+            raise ConfigError(f"--dp {dp} does not divide the {world} processes; launch a multiple of {dp} processes "
+                              "or change --dp.")
+        settings["num_stages"] = world // dp
+        sources["num_stages"] = f"default (world size {world} / --dp {dp})" if getattr(args, "dp", None) else \
+            f"default (all {world} processes)"
+    elif getattr(args, "dp", None) and world_size is not None and settings["num_stages"] * args.dp != world_size:
+        raise ConfigError(f"--num_stages {settings['num_stages']} x --dp {args.dp} = "
+                          f"{settings['num_stages'] * args.dp} but {world_size} processes were launched; launch "
+                          f"{settings['num_stages'] * args.dp} processes or drop --dp.")
     if procs is not None:
         check_stages_divide(settings["num_stages"], int(procs), stages_source=f"from {sources['num_stages']}",
                             world_source=f"from {procs_src}")
@@ -246,6 +262,8 @@ def _build(s: dict, sources: dict, raw: dict, world_size: int) -> dict:
     params.update({"lr": float(s["lr"]), "betas": [float(s["beta1"]), float(s["beta2"])], "eps": float(s["eps"]),
                    "weight_decay": float(s["weight_decay"])})
     params.setdefault("torch_adam", True)  # FusedAdam needs a JIT build; "fused": true is the fast path on GPU
+    if sources.get("optim", DEFAULT) != DEFAULT and getattr(s["optim"], "value", s["optim"]) == "adamw_torch_fused":
+        params["fused"] = True  # --optim adamw_torch_fused: torch's fused AdamW kernel (DeepSpeed passes it on)
     if opt_type == "AdamW":
         params.setdefault("adam_w_mode", True)
     ds["optimizer"] = {"type": opt_type, "params": params}
@@ -260,9 +278,7 @@ def _build(s: dict, sources: dict, raw: dict, world_size: int) -> dict:
         fp16_sec.setdefault("min_loss_scale", 1)
     ds["fp16"] = {**fp16_sec, "enabled": fp16}
     data_types = copy.deepcopy(raw.get("data_types") or {})
-    if bf16:
-        data_types.setdefault("grad_accum_dtype", "fp32")
-        sources.setdefault("grad_accum_dtype", "default (bf16)")
+    zero = _precision_combination(bf16, fp16, zero, data_types, sources)
     if data_types:
         ds["data_types"] = data_types
     zero_sec = {k: v for k, v in (raw.get("zero_optimization") or {}).items() if v != AUTO}
@@ -273,6 +289,35 @@ def _build(s: dict, sources: dict, raw: dict, world_size: int) -> dict:
                      "activation_checkpoint_interval": int(s["activation_checkpoint_interval"])})
     ds["pipeline"] = pipe_sec
     return ds
+
+
+def _precision_combination(bf16: bool, fp16: bool, zero: int, data_types: dict, sources: dict) -> int:
+    """The ZeRO stage, with ``data_types["grad_accum_dtype"]`` filled in, of a combination DeepSpeed's pipeline
+    engine accepts. Written out here (not left to DeepSpeed) because DeepSpeed finds a bad mix only at engine
+    initialisation, after the model has loaded; the rule is ``DeepSpeedEngine._do_optimizer_sanity_check`` of
+    DeepSpeed 0.19 (tests/test_trainer_parity.py runs that very check on every combination chosen here): without
+    ZeRO the accumulation dtype must equal the model's; with ZeRO-1 any is accepted (bf16 + fp32 accumulation is
+    DeepSpeed's BF16 optimizer, the one with fp32 master weights and gradients). ``--bf16`` alone picks ZeRO-1 +
+    fp32 accumulation; bf16 at an explicit ZeRO 0 accumulates in bf16 (DeepSpeed accepts it and warns)."""
+    model = "bf16" if bf16 else "fp16" if fp16 else "fp32"
+    accum = data_types.get("grad_accum_dtype")
+    if accum is not None:
+        sources.setdefault("grad_accum_dtype", "the DeepSpeed JSON's data_types")
+    accum = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(accum, accum)
+    zero_default = sources.get("zero_stage") == DEFAULT
+    if bf16 and zero == 0 and zero_default and accum in (None, "fp32"):
+        zero = 1
+        sources["zero_stage"] = "default (bf16: ZeRO-1 with fp32 gradient accumulation, which DeepSpeed's pipeline " \
+                                "accepts)"
+    if bf16 and accum is None:
+        data_types["grad_accum_dtype"] = accum = "fp32" if zero >= 1 else "bf16"
+        sources.setdefault("grad_accum_dtype", f"default (bf16 at ZeRO {zero})")
+    if zero == 0 and accum is not None and accum != model:
+        raise ConfigError(f"{model} weights with grad_accum_dtype={accum} (from {sources.get('grad_accum_dtype')}) "
+                          f"at ZeRO stage 0 (from {sources.get('zero_stage')}): DeepSpeed's pipeline engine rejects "
+                          "this mix ('unsupported mix of model_dtype and grad_accum_dtype'); use ZeRO stage 1 "
+                          f"(zero_optimization.stage 1) or data_types.grad_accum_dtype {model}.")
+    return zero
 
 
 def describe(argv: Sequence[str] = (), *, world_size: int | None = None,
