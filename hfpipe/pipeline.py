@@ -187,20 +187,30 @@ def to_pipeline(model, *, num_stages: int | None = None, topology=None, partitio
     return pipe
 
 
-def initialize(pipe: HFPipelineModule, config: dict, **kwargs):
-    """``deepspeed.initialize`` for an hfpipe pipeline: validates ``config`` first (ZeRO stage, batch sizes, dtypes),
-    passes ``model_parameters``, sets ``engine.has_bool_tensors = False`` (hfpipe sends no bool tensors between
-    stages) and, for fp32 with ``gradient_clipping``, clips by the norm of the whole model (DeepSpeed's own fp32 path
-    counts only the first stage's gradients, so the clip would depend on where the stages are cut). Returns what
-    ``deepspeed.initialize`` returns."""
+def initialize(pipe: HFPipelineModule, config: dict, *, schedule: str | None = None, **kwargs):
+    """``deepspeed.initialize`` for an hfpipe pipeline: validates ``config`` first (ZeRO stage, batch sizes, dtypes,
+    schedule), passes ``model_parameters``, sets ``engine.has_bool_tensors = False`` (hfpipe sends no bool tensors
+    between stages) and, for fp32 with ``gradient_clipping``, clips by the norm of the whole model (DeepSpeed's own
+    fp32 path counts only the first stage's gradients, so the clip would depend on where the stages are cut).
+    ``schedule``: ``"1f1b"`` (default, DeepSpeed's), ``"zb-h1"`` (zero-bubble, :mod:`hfpipe.schedules`); overrides
+    ``"pipeline": {"schedule": ...}`` in ``config``. Returns what ``deepspeed.initialize`` returns."""
     import deepspeed
     import torch.distributed as dist
 
+    from hfpipe.schedules import use_schedule
+
+    if schedule is not None:
+        config = {**config, "pipeline": {**(config.get("pipeline") or {}), "schedule": schedule}}
     validate_pipeline_ds_config(config, pipe.num_stages, dist.get_world_size())
     kwargs.setdefault("model_parameters", [p for p in pipe.parameters() if p.requires_grad])
     out = deepspeed.initialize(model=pipe, config=config, **kwargs)
     engine = out[0]
     engine.has_bool_tensors = False
+    from hfpipe.launch import name_timeouts
+
+    engine.train_batch = name_timeouts(engine, engine.train_batch)  # a peer that stops answering: named
+    engine.eval_batch = name_timeouts(engine, engine.eval_batch)
+    use_schedule(engine, (config.get("pipeline") or {}).get("schedule"))
     if not (engine.bfloat16_enabled() or engine.fp16_enabled()) and engine.gradient_clipping() > 0:
         engine.clip_fp32_gradients = lambda: _clip_pipeline_grads(engine)
     return out

@@ -37,6 +37,7 @@ from hfpipe.core.heads import head_for_class
 from hfpipe.core.lora import hf_key, trainable_count
 from hfpipe.launch import DistributedPool
 from hfpipe.pipeline import to_pipeline
+from hfpipe.schedules import check_schedule, use_schedule
 
 TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -165,7 +166,7 @@ def ds_config(batch_size: int, micro_batches: int, dp: int) -> dict:
 
 
 def rank_step(spec: ModelSpec, batch: dict, stages: int, micro_batches: int, partition="parameters",
-              activation_checkpoint_interval: int = 0, lora=None) -> dict:
+              activation_checkpoint_interval: int = 0, lora=None, schedule: str | None = None) -> dict:
     """Runs on every rank: one eval pass (logits) and one train step (loss, gradients) through the pipeline."""
     import deepspeed
     import torch.distributed as dist
@@ -181,6 +182,7 @@ def rank_step(spec: ModelSpec, batch: dict, stages: int, micro_batches: int, par
     dp = dist.get_world_size() // stages
     batch_size = batch["input_ids"].shape[0]
     engine, *_ = deepspeed.initialize(model=pipe, optimizer=recorder, config=ds_config(batch_size, micro_batches, dp))
+    use_schedule(engine, schedule)  # "zb-h1": split backward (hfpipe.schedules)
     dp_rank = engine.grid.data_parallel_id
     data = split(batch, pipe, micro_batches, dp_rank, dp)
     outputs = engine.eval_batch(iter(data), compute_loss=False, reduce_output=None)
@@ -276,7 +278,7 @@ def compare(ref: dict, per_rank: list[dict], dtype: str = "fp32") -> dict:
 
 def verify(spec: ModelSpec, *, stages: int, micro_batches: int = 4, batch_size: int = 8, seq_len: int = 16,
            dp: int = 1, partition="parameters", activation_checkpoint_interval: int = 0, batch: dict | None = None,
-           padding: str = "right", pool=None, lora=None) -> dict:
+           padding: str = "right", pool=None, lora=None, schedule: str | None = None) -> dict:
     """Run the comparison; ``pool`` (a :class:`hfpipe.launch.DistributedPool` of ``stages*dp`` ranks) is created
     and closed here when not given. ``lora``: a ``peft.LoraConfig`` (its ``task_type`` defaults to the head's, so
     that PEFT trains a classification head in full)."""
@@ -295,12 +297,13 @@ def verify(spec: ModelSpec, *, stages: int, micro_batches: int = 4, batch_size: 
         if pool.world_size != stages * dp:
             raise ValueError(f"pool has {pool.world_size} ranks, the run needs stages x dp = {stages * dp}.")
         per_rank = pool.run(rank_step, spec, batch, stages, micro_batches, partition, activation_checkpoint_interval,
-                            lora)
+                            lora, schedule)
     finally:
         if own:
             pool.close()
     report = compare(ref, per_rank, spec.dtype)
     report.update({"stages": stages, "dp": dp, "micro_batches": micro_batches, "dtype": spec.dtype,
+                   "schedule": check_schedule(schedule),
                    "batch_size": int(batch["input_ids"].shape[0]), "seq_len": int(batch["input_ids"].shape[1]),
                    "model": spec.path or spec.class_name, "lora": None if lora is None else lora_summary(lora)})
     return report
@@ -316,7 +319,7 @@ def lora_summary(lora) -> dict:
 def format_report(report: dict) -> str:
     lines = [
         f"hfpipe verify: {report['model']}  stages={report['stages']} dp={report['dp']} "
-        f"micro_batches={report['micro_batches']} batch={report['batch_size']}x{report['seq_len']} "
+        f"micro_batches={report['micro_batches']} schedule={report.get('schedule', '1f1b')} batch={report['batch_size']}x{report['seq_len']} "
         f"dtype={report['dtype']} partition={report['parts']}",
         "",
         f"{'quantity':<34}{'pipeline':>14}{'hf':>14}{'rel err':>12}",

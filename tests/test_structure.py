@@ -16,7 +16,7 @@ ROOT = os.path.dirname(hfpipe.__file__)
 #: lowest first; a module belongs to the first entry that is its name or a package above it
 LAYERS = [
     ["hfpipe._version", "hfpipe.core"],
-    ["hfpipe.pipeline", "hfpipe.launch"],
+    ["hfpipe.pipeline", "hfpipe.schedules", "hfpipe.launch"],
     ["hfpipe.checkpoint", "hfpipe.generation", "hfpipe.verify", "hfpipe.plan", "hfpipe.hub"],
     ["hfpipe.training"],
     ["hfpipe.tasks", "hfpipe.metrics", "hfpipe.data"],

@@ -99,6 +99,32 @@ def check_batch_sizes(train_batch_size, micro_batch_size, accumulation_steps, dp
     return total
 
 
+#: pipeline schedules hfpipe runs on DeepSpeed's engine (``hfpipe.schedules``); the first is DeepSpeed's own 1F1B
+SCHEDULES = ("1f1b", "zb-h1", "dualpipev")
+
+
+def check_schedule(schedule, *, num_stages: int | None = None, micro_batches: int | None = None,
+                   fp16: bool = False, source: str | None = None) -> str:
+    """The pipeline schedule: one of :data:`SCHEDULES` (``None``: ``"1f1b"``) that the run can honour. ``zb-h1``
+    splits each backward into an input-gradient and a weight-gradient pass, which fp16's dynamic loss scaling cannot
+    follow (it checks for overflow per whole backward); ``dualpipev`` is not executable yet. Returns the name."""
+    name = "1f1b" if schedule is None else str(schedule).strip().lower()
+    if name not in SCHEDULES:
+        raise ConfigError(f"schedule={schedule!r}{_at(source)}: expected one of {', '.join(SCHEDULES)}; set the "
+                          "pipeline schedule to \"1f1b\" (DeepSpeed's, the default) or \"zb-h1\" (zero-bubble).")
+    if name == "dualpipev":
+        need = f" It needs >= 2 x stages micro-batches ({2 * num_stages} here" if num_stages else ""
+        have = f", got {micro_batches})." if need and micro_batches is not None else (")." if need else "")
+        raise ConfigError(f"schedule='dualpipev'{_at(source)} is not available yet: hfpipe does not execute "
+                          "DeepSpeed's DualPipeVSchedule (two chunks per rank, batched p2p) yet." + need + have
+                          + " Use schedule \"zb-h1\" (zero-bubble, 1F1B's peak memory) or \"1f1b\".")
+    if name == "zb-h1" and fp16:
+        raise ConfigError(f"schedule='zb-h1'{_at(source)} with fp16: fp16's dynamic loss scaling checks for overflow "
+                          "once per whole backward, which zb-h1 splits into input- and weight-gradient passes; use "
+                          "bf16 or fp32 with zb-h1, or schedule \"1f1b\" with fp16.")
+    return name
+
+
 def validate_pipeline_ds_config(config: dict, num_stages: int, world_size: int) -> None:
     """Raise :class:`ConfigError` (a ``ValueError``) when the DeepSpeed dict ``config`` cannot drive a pipeline of
     ``num_stages`` stages on ``world_size`` ranks."""
@@ -114,6 +140,10 @@ def validate_pipeline_ds_config(config: dict, num_stages: int, world_size: int) 
     accum = config.get("gradient_accumulation_steps")
     if None not in (train, micro, accum):
         check_batch_sizes(train, micro, accum, dp, world_size=world_size)
+    check_schedule((config.get("pipeline") or {}).get("schedule"), num_stages=num_stages,
+                   micro_batches=None if accum is None else int(accum),
+                   fp16=bool((config.get("fp16") or {}).get("enabled", False)),
+                   source="pipeline.schedule in the DeepSpeed config")
 
 
 def check_fp16_supported(fp16: bool, *, source: str | None = None) -> None:
