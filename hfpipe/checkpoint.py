@@ -16,17 +16,18 @@ import copy
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
 
 from hfpipe._version import __version__
 from hfpipe.core.builder import prepare, stage_parts
+from hfpipe.core.lora import ADAPTER_WEIGHTS, AdapterSource, adapter_config, is_adapter_folder, save_adapter
 from hfpipe.core.weights import (FORMAT, FORMAT_VERSION, MANIFEST, build_layer, check_manifest, checkpoint_config,
-                                checkpoint_root_and_tag, CheckpointError, layer_file, layer_list, local_folder,
-                                parse_dtype, PipelineCheckpointSource, read_manifest, resolve_pretrained,
-                                saved_by_deepspeed, saved_names, tied_map)
+                                checkpoint_root_and_tag, CheckpointError, commit_output, is_pipeline_checkpoint,
+                                layer_file, layer_list, local_folder, parse_dtype, PipelineCheckpointSource,
+                                prepare_output, read_manifest, resolve_pretrained, saved_by_deepspeed, saved_names,
+                                tied_map)
 
 DEFAULT_TAG = "global_step0"
 #: Files copied next to the weights (tokenizer, generation defaults).
@@ -46,8 +47,18 @@ def manifest_for(builder, infos, *, parts=None, partition_method=None, dtype=Non
             "method": partition_method if isinstance(partition_method, str) else list(partition_method or []),
             "num_stages": len(parts) - 1, "parts": list(parts)},
         "dtype": None if dtype is None else str(dtype).replace("torch.", ""),
+        **({"lora": lora_manifest(builder)} if getattr(builder, "lora", None) is not None else {}),
         **extra,
     }
+
+
+def lora_manifest(builder) -> dict:
+    """The manifest entry of a LoRA pipeline: PEFT's config and the base model the layer files leave out (they hold
+    the adapter only: frozen weights are re-read from the base)."""
+    config = builder.lora.config.to_dict()
+    return {"peft_config": json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, (set, frozenset))
+                                                  else str(v))),
+            "base_model": getattr(builder.adapter.config, "_name_or_path", None) or None, "adapter_only": True}
 
 
 def write_manifest(folder, builder, infos, **kwargs) -> dict:
@@ -81,28 +92,8 @@ def _builder_for_checkpoint(root: Path, model=None, model_class=None):
 
 
 # --------------------------------------------------------------------------------------------------- writing
-def _prepare_output(output_dir, overwrite: bool) -> tuple[Path, Path]:
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"output {out} exists and is not a folder; choose another --output.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"output folder {out} is not empty; choose a new folder or pass --overwrite "
-                              "(overwrite=True) to replace it.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    return out, tmp
-
-
-def _commit_output(tmp: Path, out: Path) -> None:
-    """Swap the finished temporary folder in; the old folder (``--overwrite``) is removed only afterwards."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+#: the temp + rename helpers live in core (``hfpipe.core.lora.save_adapter`` writes atomically too)
+_prepare_output, _commit_output = prepare_output, commit_output
 
 
 def _copy_side_files(src: Path | None, dst: Path) -> None:
@@ -208,15 +199,32 @@ def convert(model, output_dir, *, num_stages: int = 1, partition_method="balance
 
 
 def export(checkpoint, output_dir, *, dtype=None, max_shard_size="5GB", overwrite: bool = False, model=None,
-           model_class=None, progress: bool = True) -> str:
+           model_class=None, progress: bool = True, merge_lora: bool = False) -> str:
     """Write a pipeline checkpoint as an HF folder that ``AutoModelFor<Task>.from_pretrained`` loads.
 
     ``checkpoint`` is a folder written by ``convert``, a ``PipelineTrainer`` ``checkpoint-N`` folder, or any
     ``engine.save_checkpoint`` folder (its ``latest`` tag, or a tag folder); without ``hfpipe.json`` / ``config.json``
     next to it, ``model`` (an HF folder or config.json) says which model it holds. Tied weights are written once, as
     ``save_pretrained`` does; ``dtype`` casts floating-point tensors. The folder appears only when complete.
+
+    LoRA: a trainer checkpoint of a LoRA run holds the adapter only; it exports as a PEFT adapter folder, or with
+    ``merge_lora`` as the merged full model (:func:`merge_adapter`; base: ``model`` or the one its manifest names).
+    ``checkpoint`` may also be a PEFT adapter folder, with ``merge_lora`` and ``model`` = its base.
     """
+    if is_adapter_folder(checkpoint):
+        if not merge_lora:
+            raise CheckpointError(f"{checkpoint} is already a PEFT adapter folder; to write the merged model pass "
+                                  "merge_lora=True (--merge-lora) and the base model (--model BASE).")
+        return merge_adapter(checkpoint, model, output_dir, model_class=model_class, dtype=dtype,
+                             max_shard_size=max_shard_size, overwrite=overwrite)
     root, tag = checkpoint_root_and_tag(checkpoint)
+    manifest = read_manifest(root)
+    if manifest is not None and manifest.get("lora"):
+        return _export_lora(root, tag, manifest, output_dir, merge_lora=merge_lora, base_model=model,
+                            model_class=model_class, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+    if merge_lora:
+        raise CheckpointError(f"{checkpoint} holds no LoRA adapter (its {MANIFEST} has no 'lora' entry), so there is "
+                              "nothing to merge. Fix: drop --merge-lora, or pass a LoRA checkpoint-N / adapter folder.")
     builder, infos, manifest = _builder_for_checkpoint(root, model, model_class)
     source = PipelineCheckpointSource(tag, dtype=parse_dtype(dtype)).bind(builder)
     expected = hf_weight_names(builder.adapter, source.keys(), root)
@@ -277,3 +285,89 @@ def _to_checkpoint_names(meta_model, state: dict) -> dict:
     except ImportError:
         return state
     return dict(revert_weight_conversion(meta_model, state))
+
+
+# ------------------------------------------------------------------------------------------------------ LoRA
+def _lora_builder(root: Path, manifest: dict, model_class=None):
+    """The meta builder of a LoRA checkpoint: the model its config.json names, with the manifest's LoRA config."""
+    from peft import LoraConfig
+
+    config, model_class = checkpoint_config(root, manifest, model_class)
+    lora_config = LoraConfig(**{k: v for k, v in manifest["lora"]["peft_config"].items()
+                                if k in LoraConfig.__dataclass_fields__ and k != "peft_type"})
+    builder = prepare(config, model_class, peft_config=lora_config)
+    check_manifest(manifest, builder, builder.layers(), root)
+    return builder
+
+
+def _export_lora(root: Path, tag: Path, manifest: dict, output_dir, *, merge_lora: bool, base_model, model_class,
+                 dtype, max_shard_size, overwrite: bool) -> str:
+    """A LoRA checkpoint's adapter (read from its layer files by PEFT key) as an adapter folder, or merged."""
+    import tempfile
+
+    builder = _lora_builder(root, manifest, model_class)
+    source = PipelineCheckpointSource(tag, dtype=parse_dtype(dtype)).bind(builder)
+    state = {}
+    for key in builder.lora.shapes:
+        if source._resolve(key) is None:
+            raise CheckpointError(f"{root}: no layer file holds adapter tensor {key!r}; the checkpoint does not match "
+                                  "its own manifest (was it written by another hfpipe version?).")
+        state[key] = source.get(key)
+    base = base_model or manifest["lora"].get("base_model")
+    if not merge_lora:
+        return save_adapter(builder.lora.config, state, output_dir, base,
+                            extra=lambda tmp: _copy_side_files(root, Path(tmp)), overwrite=overwrite)
+    if base is None:
+        raise CheckpointError(f"{root} names no base model in its {MANIFEST}; pass the base (--model BASE).")
+    if not overwrite and Path(output_dir).is_dir() and any(Path(output_dir).iterdir()):
+        prepare_output(output_dir, overwrite)  # the usual error, before merging anything
+    with tempfile.TemporaryDirectory() as adapter_dir:
+        save_adapter(builder.lora.config, state, adapter_dir, base,
+                     extra=lambda tmp: _copy_side_files(root, Path(tmp)))
+        return merge_adapter(adapter_dir, base, output_dir, model_class=model_class, dtype=dtype,
+                             max_shard_size=max_shard_size, overwrite=overwrite)
+
+
+def merge_adapter(adapter, base, output_dir, *, model_class=None, dtype=None, max_shard_size="5GB",
+                  overwrite: bool = False) -> str:
+    """The base model with the PEFT adapter folder ``adapter`` merged in, as an HF folder ``from_pretrained`` loads:
+    ``PeftModel.from_pretrained(AutoModelFor<Task>.from_pretrained(base), adapter).merge_and_unload()`` -- PEFT's
+    own merge -- written by ``save_pretrained`` (plus the tokenizer of the adapter folder, else of the base).
+    ``base`` defaults to the adapter's ``base_model_name_or_path``. Refused, with the reason: an adapter that does
+    not fit the base (names both), a base stored in 4 bits (merging would round the update away). The whole model
+    is loaded on this process, as ``from_pretrained`` does."""
+    from peft import PeftModel
+
+    adapter_cfg = adapter_config(adapter)
+    named = adapter_cfg.base_model_name_or_path
+    base = base or named
+    if not base:
+        raise CheckpointError(f"{adapter}: adapter_config.json names no base_model_name_or_path; pass the base "
+                              "model (--model BASE).")
+    folder = local_folder(base)
+    if (folder / MANIFEST).is_file() or is_pipeline_checkpoint(folder):
+        raise CheckpointError(f"--model {base}: a pipeline checkpoint; merging needs the base as an HF folder or Hub "
+                              "id. Fix: `hfpipe export` it first and pass that folder.")
+    config, cls, _ = resolve_pretrained(folder, model_class)
+    quant = getattr(config, "quantization_config", None)
+    quant = quant.to_dict() if hasattr(quant, "to_dict") else quant
+    if quant:
+        raise CheckpointError(f"base {base} is stored quantised ({quant.get('quant_method', 'bitsandbytes')}); "
+                              "merging into it would round the merged weights back to the quantised grid and lose "
+                              "the adapter's update. Fix: merge onto the full-precision base (--model that folder).")
+    builder = prepare(config, cls, peft_config=adapter_cfg)  # meta: the shapes PEFT gives this base
+    AdapterSource(None, str(Path(adapter) / ADAPTER_WEIGHTS), str(adapter)).check(builder.lora, str(base), named)
+    out, tmp = prepare_output(output_dir, overwrite)
+    try:
+        kwargs = {"dtype": parse_dtype(dtype)} if parse_dtype(dtype) is not None else {}
+        model = cls.from_pretrained(folder, **kwargs)
+        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        merged.save_pretrained(tmp, max_shard_size=max_shard_size)
+        del model, merged
+        _copy_side_files(folder, tmp)
+        _copy_side_files(Path(adapter), tmp)
+        commit_output(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(out)

@@ -254,15 +254,18 @@ def _export(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default="auto", help="auto (as saved) | fp32 | bf16 | fp16")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--model", help="HF folder or config.json of the model, when the checkpoint has no "
-                   "hfpipe.json/config.json (a bare engine.save_checkpoint)")
+                   "hfpipe.json/config.json (a bare engine.save_checkpoint); with --merge-lora: the base model "
+                   "(default: the one the checkpoint / adapter names)")
     p.add_argument("--model-class", help="task class, with --model")
+    p.add_argument("--merge-lora", action="store_true", help="a LoRA checkpoint-N or a PEFT adapter folder: write "
+                   "the base with the adapter merged in (PEFT's merge_and_unload) instead of the adapter folder")
 
     def run(args) -> int:
         from hfpipe.checkpoint import export
 
         out = export(args.checkpoint, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
                      overwrite=args.overwrite, model=args.model, model_class=_model_class(args.model_class),
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, merge_lora=args.merge_lora)
         print(f"wrote {out} (load it with AutoModelFor<Task>.from_pretrained({out!r}))")
         return 0
 

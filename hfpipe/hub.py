@@ -16,6 +16,7 @@ import re
 
 from hfpipe._version import __version__
 from hfpipe.core.heads import HEADS
+from hfpipe.core.lora import ADAPTER_CONFIG, is_adapter_folder
 
 TAGS = ["hfpipe", "deepspeed", "pipeline-parallelism"]
 #: task name in a card (an hfpipe head's name, or a task of hfpipe.tasks) -> Hub pipeline tag
@@ -37,6 +38,22 @@ def is_offline() -> bool:
 
 def is_hf_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json")) and bool(glob.glob(os.path.join(path, "*.safetensors")))
+
+
+def adapter_card_info(folder: str) -> dict:
+    """What a PEFT adapter folder's card says besides the run: PEFT's metadata (``library_name: peft``, the
+    ``base_model`` from ``adapter_config.json``, PEFT's ``lora`` / ``base_model:adapter:<base>`` tags) and the task
+    from the config's ``task_type``."""
+    with open(os.path.join(folder, ADAPTER_CONFIG)) as f:
+        config = json.load(f)
+    info = {"library_name": "peft", "adapter": config.get("peft_type", "LORA")}
+    if config.get("base_model_name_or_path"):
+        info["base_model"] = config["base_model_name_or_path"]
+    task = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "sequence-classification", "TOKEN_CLS": "token-classification",
+            "QUESTION_ANS": "question-answering", "SEQ_2_SEQ_LM": "text2text"}.get(config.get("task_type"))
+    if task:
+        info["task"] = task
+    return info
 
 
 # ---------------------------------------------------------------------------------------------------- model card
@@ -100,13 +117,17 @@ def model_card(repo_id: str, card_info: dict):
     evals = [EvalResult(task_type=tag, dataset_type=datasets[0] if datasets else "custom",
                         dataset_name=datasets[0] if datasets else "evaluation set", metric_type=k, metric_value=v)
              for k, v in metrics.items()] if tag else None
-    data = ModelCardData(library_name="transformers", base_model=hub_base, datasets=datasets or None,
-                         pipeline_tag=tag, tags=list(TAGS), model_name=name, eval_results=evals)
+    peft = card_info.get("library_name") == "peft"
+    tags = list(TAGS) + (["lora"] + ([f"base_model:adapter:{hub_base}"] if hub_base else []) if peft else [])
+    data = ModelCardData(library_name="peft" if peft else "transformers", base_model=hub_base,
+                         datasets=datasets or None, pipeline_tag=tag, tags=tags, model_name=name, eval_results=evals)
     hp = card_info.get("hyperparameters", {})
+    load = ("It is a PEFT LoRA adapter: load it with `peft.PeftModel.from_pretrained(AutoModelFor<Task>."
+            f"from_pretrained({str(base)!r}), {repo_id!r})`." if peft else "Load it with `transformers` as usual.")
     lines = [f"# {name}", "",
              f"Trained with hfpipe (DeepSpeed pipeline parallelism for Hugging Face models) over "
              f"{hp.get('num_stages', '?')} stages" + (f", fine-tuned from `{base}`" if base else "")
-             + (f" on {', '.join(datasets)}" if datasets else "") + ". Load it with `transformers` as usual.", ""]
+             + (f" on {', '.join(datasets)}" if datasets else "") + f". {load}", ""]
     if metrics:
         lines += ["## Evaluation results", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in metrics.items()] + [""]
@@ -119,7 +140,7 @@ def model_card(repo_id: str, card_info: dict):
 def _versions():
     import importlib.metadata as md
 
-    for name in ("transformers", "deepspeed", "torch"):
+    for name in ("transformers", "peft", "deepspeed", "torch"):
         try:
             yield name, md.version(name)
         except md.PackageNotFoundError:
@@ -157,8 +178,10 @@ def push_to_hub(folder: str, repo_id: str, *, private: bool = False, revision: s
                 commit_message: str | None = None, token: str | None = None, card_info: dict | None = None) -> str:
     """Write ``folder/README.md`` (unless ``card_info`` is None and a README is there) and upload ``folder`` to
     ``repo_id`` (created if missing; ``revision``: a branch, created if missing). Returns the repo URL."""
-    if not is_hf_folder(folder):
-        raise PushError(f"{folder} is not a model folder (config.json and *.safetensors); export a checkpoint with "
+    adapter = is_adapter_folder(folder)
+    if not (adapter or is_hf_folder(folder)):
+        raise PushError(f"{folder} is not a model folder (config.json and *.safetensors) nor a PEFT adapter folder "
+                        "(adapter_config.json and adapter_model.safetensors); export a checkpoint with "
                         "hfpipe.checkpoint.export or `hfpipe push CHECKPOINT --repo-id ...`.")
     if is_offline():
         raise PushError(f"HF_HUB_OFFLINE is set, so nothing was uploaded to {repo_id}; the model stays in {folder}. "
@@ -167,6 +190,8 @@ def push_to_hub(folder: str, repo_id: str, *, private: bool = False, revision: s
 
     readme = os.path.join(folder, "README.md")
     if card_info is not None or not os.path.isfile(readme):
+        if adapter:  # PEFT's metadata from the adapter itself; the run's info on top (the base as the run named it)
+            card_info = {**adapter_card_info(folder), **(card_info or {}), "library_name": "peft"}
         model_card(repo_id, card_info or {}).save(readme)
     api = HfApi(token=token)
     url = str(_hub("creating", repo_id, api.create_repo, repo_id, private=private, exist_ok=True))
@@ -179,15 +204,16 @@ def push_to_hub(folder: str, repo_id: str, *, private: bool = False, revision: s
 
 def push(path: str, repo_id: str, *, export_dir: str | None = None, base_model: str | None = None,
          dataset: str | None = None, **kwargs) -> str:
-    """``hfpipe push``: an HF folder is pushed as is; a pipeline checkpoint is exported to ``export_dir`` (default
-    ``<path>-hf``) first. The card takes what the run left next to ``path`` (``card_info_from_run``)."""
+    """``hfpipe push``: an HF folder or a PEFT adapter folder (card with PEFT's metadata) is pushed as is; a
+    pipeline checkpoint is exported to ``export_dir`` (default ``<path>-hf``) first. The card takes what the run
+    left next to ``path`` (``card_info_from_run``)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such folder; pass a model folder or a pipeline checkpoint-N folder.")
     if is_offline():  # before a possibly long export
         raise PushError(f"HF_HUB_OFFLINE is set, so nothing was exported or uploaded to {repo_id}. Unset "
                         "HF_HUB_OFFLINE and run the command again.")
     folder = path
-    if not is_hf_folder(path):
+    if not (is_hf_folder(path) or is_adapter_folder(path)):
         from hfpipe.checkpoint import export
         from hfpipe.core.weights import is_pipeline_checkpoint
 

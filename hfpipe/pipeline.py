@@ -132,7 +132,7 @@ def to_pipeline(model, *, num_stages: int | None = None, topology=None, partitio
                 activation_checkpoint_interval: int = 0, model_class=None, dtype: torch.dtype | None = None,
                 seed: int | None = 1234, loss_fn=None, seq_len: int | None = None, micro_batch_size: int = 1,
                 layer_costs: Sequence[float] | None = None, loss_chunk_tokens: int | None = None,
-                peft_config=None, **pipeline_kwargs) -> HFPipelineModule:
+                peft_config=None, peft_adapter=None, **pipeline_kwargs) -> HFPipelineModule:
     """Convert an HF model into a ``deepspeed.pipe.PipelineModule``.
 
     Args:
@@ -160,12 +160,20 @@ def to_pipeline(model, *, num_stages: int | None = None, topology=None, partitio
             (``hfpipe.core.lora``; targets and ``modules_to_save`` resolved by PEFT for the whole model), the base
             weights frozen; LoRA initialised as PEFT does under the per-layer ``seed``. A ``peft.PeftModel`` as
             ``model`` does the same with its own config and starts from its adapter weights.
+        peft_adapter: a PEFT adapter folder or Hub id (``PeftModel.save_pretrained``) to continue training: its
+            config is the LoRA config (``peft_config``, if given too, must agree) and each rank reads only its own
+            stage's adapter tensors from ``adapter_model.safetensors``. An adapter made for another base model (its
+            ``base_model_name_or_path``, or tensor shapes) is one error naming both.
 
     ``torch.distributed`` is initialised through ``deepspeed.init_distributed()`` if it is not yet (gloo on CPU).
     """
     if num_stages is None and topology is None:
         raise ValueError("to_pipeline needs num_stages= (or a DeepSpeed topology=).")
+    if peft_adapter is not None:
+        peft_config = lora.adapter_config(peft_adapter, peft_config)
     builder = prepare(model, model_class, seed=seed, peft_config=peft_config)
+    if peft_adapter is not None:
+        lora.attach_adapter(builder, peft_adapter)
     builder.chunk_loss(loss_chunk_tokens)  # before the split: "balanced" costs the chunked head
     infos = builder.layers()
     stages = num_stages if num_stages is not None else topology.get_dim("pipe")

@@ -79,7 +79,7 @@ def test_lora_training_writes_a_peft_adapter_folder(dist_pool, tmp_path, kind):
     _base(kind).save_pretrained(base)
     ranks = dist_pool(2).run(rank_train_lora, kind, str(tmp_path / "out"), base)
     final = ranks[0]["final"]
-    assert sorted(os.listdir(final)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(final)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     with open(os.path.join(final, "adapter_config.json")) as f:
         saved = json.load(f)
     assert saved["peft_type"] == "LORA" and saved["task_type"] == task and saved["r"] == 4

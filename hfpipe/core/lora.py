@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hfpipe.core.weights import StateDictSource
+from hfpipe.core.weights import StateDictSource, WeightSource
 
 #: prefix of every adapter key in PEFT's saved state dict (``PeftModel.base_model.model`` is the HF model)
 PEFT_PREFIX = "base_model.model."
@@ -98,20 +99,33 @@ def to_lora_config(args, task_type: str | None = None):
         raise LoraConfigError(f"--lora_r {args.lora_r}: expected the LoRA rank, > 0 (0: LoRA off).")
     if not 0.0 <= args.lora_dropout < 1.0:
         raise LoraConfigError(f"--lora_dropout {args.lora_dropout}: expected a probability in [0, 1).")
-    if not args.peft_config and args.lora_r == 0:
+    adapter = getattr(args, "peft_adapter", None)
+    if getattr(args, "merge_lora", False) and getattr(args, "load_in_4bit", False):
+        raise LoraConfigError("--merge_lora with --load_in_4bit: merging into the 4-bit base would round the merged "
+                              "weights back to 4 bits and lose most of the adapter's update. Fix: drop --merge_lora "
+                              "and merge output_dir/final onto the full-precision base afterwards: hfpipe export "
+                              "OUT/final --merge-lora --model BASE --output MERGED.")
+    if adapter and args.peft_config:
+        raise LoraConfigError(f"--peft_adapter {adapter!r} and --peft_config {args.peft_config!r}: the adapter "
+                              "carries its own config. Fix: pass one of them.")
+    if not args.peft_config and not adapter and args.lora_r == 0:
+        if getattr(args, "merge_lora", False):
+            raise LoraConfigError("--merge_lora is set but LoRA is off. Fix: add --lora_r R or --peft_adapter, or "
+                                  "drop --merge_lora.")
         if given:
             raise LoraConfigError(f"--{next(iter(given))} is set but LoRA is off. Fix: add --lora_r R (e.g. 8) or "
                                   "--peft_config adapter_config.json.")
         return None
     from peft import LoraConfig
 
-    if args.peft_config:
-        config = read_peft_config(args.peft_config)
+    if args.peft_config or adapter:
+        config = adapter_config(adapter) if adapter else read_peft_config(args.peft_config)
+        what = f"--peft_adapter {adapter!r}" if adapter else f"--peft_config {args.peft_config!r}"
         for flag, value in given.items():
             value = module_names(value) if flag in ("lora_target_modules", "lora_modules_to_save") else value
             if not _same(value, getattr(config, LORA_FLAGS[flag])):
                 raise LoraConfigError(f"--{flag} {value!r} disagrees with {LORA_FLAGS[flag]}="
-                                      f"{getattr(config, LORA_FLAGS[flag])!r} in --peft_config {args.peft_config!r}. "
+                                      f"{getattr(config, LORA_FLAGS[flag])!r} in {what}. "
                                       f"Fix: drop --{flag} or make them agree.")
     else:
         try:
@@ -125,18 +139,164 @@ def to_lora_config(args, task_type: str | None = None):
     return config
 
 
-def save_adapter(config, state: dict, output_dir: str, base_model: str | None = None) -> None:
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def save_adapter(config, state: dict, output_dir: str, base_model: str | None = None, *, extra=None,
+                 overwrite: bool = True) -> str:
     """A PEFT adapter folder: ``config`` written by PEFT (``LoraConfig.save_pretrained``, ``inference_mode`` on and
     ``base_model_name_or_path`` = ``base_model`` when given, as ``PeftModel.save_pretrained`` does) and the adapter
-    tensors of ``state`` (:func:`is_adapter_key` names: PEFT's own keys) as ``adapter_model.safetensors``."""
+    tensors of ``state`` (:func:`is_adapter_key` names: PEFT's own keys) as ``adapter_model.safetensors``;
+    ``extra(folder)`` adds files (model card, tokenizer). The folder appears only when complete (temp + rename)."""
     from safetensors.torch import save_file
 
-    os.makedirs(output_dir, exist_ok=True)
+    from hfpipe.core.weights import atomic_folder
+
     config = dataclasses.replace(config, inference_mode=True,
                                  base_model_name_or_path=base_model or config.base_model_name_or_path)
-    config.save_pretrained(output_dir)
     tensors = {k: v.contiguous() for k, v in sorted(state.items()) if is_adapter_key(k)}
-    save_file(tensors, os.path.join(output_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with atomic_folder(output_dir, overwrite=overwrite) as tmp:
+        config.save_pretrained(str(tmp))
+        save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        if extra is not None:
+            extra(str(tmp))
+    return str(output_dir)
+
+
+# ------------------------------------------------------------------------------------------- an adapter in
+def is_adapter_folder(path) -> bool:
+    """Whether ``path`` is a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG)) and os.path.isfile(os.path.join(path, ADAPTER_WEIGHTS))
+
+
+def _adapter_file(path, name: str) -> str:
+    """``name`` inside the adapter ``path`` (a folder, or a Hub id read through the local cache / the Hub)."""
+    if os.path.isdir(path):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise LoraConfigError(f"peft_adapter {path!r} has no {name}; expected a PEFT adapter folder "
+                                  "(PeftModel.save_pretrained: adapter_config.json + adapter_model.safetensors).")
+        return file
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(os.fspath(path), name)
+    except Exception as exc:  # offline and not cached, unknown repo, no such file
+        raise LoraConfigError(f"peft_adapter {path!r} is no folder and its {name} could not be read from the Hub "
+                              f"({type(exc).__name__}). Fix: pass a PEFT adapter folder or a Hub id holding one."
+                              ) from None
+
+
+def adapter_config(path, peft_config=None):
+    """The trainable ``LoraConfig`` of the adapter at ``path`` (``inference_mode`` off); a ``peft_config`` given
+    besides must agree with it on ``r``, ``lora_alpha`` and ``target_modules``."""
+    config = dataclasses.replace(read_peft_config(_adapter_file(path, ADAPTER_CONFIG)), inference_mode=False)
+    if peft_config is not None:
+        for field in ("r", "lora_alpha", "target_modules"):
+            if not _same(getattr(peft_config, field), getattr(config, field)):
+                raise LoraConfigError(f"peft_config {field}={getattr(peft_config, field)!r} disagrees with "
+                                      f"{field}={getattr(config, field)!r} of peft_adapter {path!r}. Fix: pass "
+                                      "only the adapter (its config comes with it).")
+        if config.task_type is None:
+            config = dataclasses.replace(config, task_type=peft_config.task_type)
+    return config
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Whether two ``_name_or_path`` values name the same model: the same string or folder, or the same last path
+    part (a Hub id and a downloaded copy of it, ``meta-llama/Llama-3-8B`` and ``/models/Llama-3-8B``). A heuristic
+    on names only; the shapes check (:meth:`AdapterSource.check`) is the strict one."""
+    if a == b:
+        return True
+    if os.path.exists(a) and os.path.exists(b) and os.path.realpath(a) == os.path.realpath(b):
+        return True
+    last = [os.path.basename(x.replace("\\", "/").rstrip("/")).lower() for x in (a, b)]
+    return last[0] == last[1]
+
+
+class AdapterSource(WeightSource):
+    """A base weight source plus a PEFT ``adapter_model.safetensors``: adapter keys (:func:`is_adapter_key`) are read
+    from the adapter file with ``safe_open``, one tensor at a time and only those a rank's layers ask for
+    (``names_read`` counts them), everything else from the base source."""
+
+    def __init__(self, base, file: str, where: str):
+        from safetensors import safe_open
+
+        self.base, self.file, self.where = base, file, where
+        self.names_read: list[str] = []
+        self._handle = None
+        with safe_open(file, framework="pt") as f:  # the header only: names and shapes
+            self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+    @property
+    def dtype(self):
+        return getattr(self.base, "dtype", None)
+
+    @dtype.setter
+    def dtype(self, value):
+        if self.base is not None:
+            self.base.dtype = value
+
+    def keys(self):
+        return set(self.shapes) | set(self.base.keys() if self.base is not None else ())
+
+    def _resolve(self, name: str):
+        if is_adapter_key(name):
+            return name if name in self.shapes else None
+        return self.base._resolve(name) if self.base is not None else None
+
+    def get(self, name: str):
+        if not is_adapter_key(name):
+            return self.base.get(name) if self.base is not None else None
+        if name not in self.shapes:
+            return None
+        if self._handle is None:
+            from safetensors import safe_open
+
+            self._handle = safe_open(self.file, framework="pt")
+        self.names_read.append(name)
+        return self._handle.get_tensor(name)
+
+    def check(self, lora: LoraPlan, model_name: str, base_name: str | None) -> None:
+        """The adapter must fit the model: its ``base_model_name_or_path`` names this model (when both are known)
+        and its tensors are exactly the adapter tensors PEFT gives this model, shape for shape."""
+        if base_name and model_name and not _same_model(base_name, model_name):
+            raise LoraConfigError(f"peft_adapter {self.where!r} was trained on base_model_name_or_path={base_name!r} "
+                                  f"but the model is {model_name!r}. Fix: load the adapter onto its base model (or "
+                                  "correct base_model_name_or_path in its adapter_config.json).")
+        expected = lora.shapes
+        wrong = [k for k in sorted(self.shapes) if k in expected and self.shapes[k] != expected[k]]
+        extra = sorted(set(self.shapes) - set(expected))
+        missing = sorted(set(expected) - set(self.shapes))
+        if wrong or extra or missing:
+            first = (f"tensor {wrong[0]!r} has shape {self.shapes[wrong[0]]} in the adapter but "
+                     f"{expected[wrong[0]]} in the model" if wrong else
+                     f"the adapter holds {extra[:3]}, which the model does not have" if extra else
+                     f"the adapter lacks {missing[:3]}, which the model has")
+            raise LoraConfigError(f"peft_adapter {self.where!r} (base_model_name_or_path={base_name!r}) does not fit "
+                                  f"the model {model_name or '(unnamed)'!r}: {first} ({len(wrong)} shape mismatches, "
+                                  f"{len(extra)} unexpected, {len(missing)} missing). Fix: load the adapter onto the "
+                                  "model it was trained on.")
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_handle"] = None
+        return state
+
+
+def attach_adapter(builder, path) -> AdapterSource:
+    """Make the adapter at ``path`` (folder or Hub id) the source of ``builder``'s adapter tensors, after checking
+    that it fits the model (:meth:`AdapterSource.check`); the base weights still come from the builder's source.
+    ``builder.lora`` must come from :func:`adapter_config` of the same adapter."""
+    if getattr(builder, "lora", None) is None:
+        raise LoraConfigError("attach_adapter needs a builder with a LoRA plan (peft_config from adapter_config).")
+    with open(_adapter_file(path, ADAPTER_CONFIG)) as f:
+        base_name = json.load(f).get("base_model_name_or_path")
+    source = AdapterSource(builder.source, _adapter_file(path, ADAPTER_WEIGHTS), os.fspath(path))
+    source.check(builder.lora, getattr(builder.adapter.config, "_name_or_path", "") or "", base_name)
+    builder.source = source
+    return source
 
 
 def hf_key(name: str, adapter: str = ADAPTER) -> str:
@@ -174,6 +334,8 @@ class LoraPlan:
     config: object  # peft.LoraConfig with target_modules / modules_to_save as PEFT resolved them
     targets: frozenset[str]  # modules that get LoRA layers (full names in the HF task model)
     saved: frozenset[str]  # modules PEFT trains in full (modules_to_save)
+    #: PEFT's adapter state-dict keys (``get_peft_model_state_dict``) and their shapes, from the meta model
+    shapes: dict = dataclasses.field(default_factory=dict)
 
     def inside(self, names: frozenset[str], prefix: str, local: dict) -> list[str]:
         """The names of ``names`` below HF prefix ``prefix`` that exist in a layer (local names, sorted)."""
@@ -191,7 +353,7 @@ def plan(meta_model: nn.Module, peft_config) -> LoraPlan | None:
     """PEFT's resolution of ``peft_config`` on a meta-device copy of the task model (``None``: no LoRA)."""
     if peft_config is None:
         return None
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import ModulesToSaveWrapper
     from peft.utils.error import NoMatchingPeftModuleError
@@ -220,7 +382,8 @@ def plan(meta_model: nn.Module, peft_config) -> LoraPlan | None:
     if embeddings:
         raise LoraConfigError(f"target_modules reach the embedding(s) {sorted(embeddings)}; LoRA on embeddings is not "
                               "supported in pipelines yet. Fix: target the linear modules only (e.g. 'all-linear').")
-    return LoraPlan(peft_model.peft_config[ADAPTER], targets, saved)
+    shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
+    return LoraPlan(peft_model.peft_config[ADAPTER], targets, saved, shapes)
 
 
 def split_peft_model(model, peft_config=None):
@@ -340,3 +503,9 @@ def trainable_count(model: nn.Module) -> int:
     """Trainable parameters (elements) of a module: a pipeline stage (an idle stage's placeholder not counted) or
     a ``PeftModel``."""
     return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n != IDLE_STAGE_PARAMETER)
+
+
+def adapter_only(pipe) -> bool:
+    """Whether a pipeline's checkpoints hold the adapter only (LoRA: DeepSpeed's ``exclude_frozen_parameters`` on
+    save, ``load_module_strict=False`` on load; the frozen base comes from the source the pipeline was built from)."""
+    return getattr(getattr(pipe, "hfpipe_builder", None), "lora", None) is not None

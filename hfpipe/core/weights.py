@@ -14,9 +14,12 @@ checkpoint written at one stage count loads at any other; the HF name of every t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -32,6 +35,46 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 class CheckpointError(ValueError):
     """A checkpoint folder is missing files or does not match the model."""
+
+
+# ------------------------------------------------------------------------------------------- atomic folders
+def prepare_output(output_dir, overwrite: bool) -> tuple[Path, Path]:
+    """``(output folder, fresh temporary folder beside it)``; a non-empty output without ``overwrite`` is an error."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output {out} exists and is not a folder; choose another --output.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"output folder {out} is not empty; choose a new folder or pass --overwrite "
+                              "(overwrite=True) to replace it.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return out, tmp
+
+
+def commit_output(tmp: Path, out: Path) -> None:
+    """Swap the finished temporary folder in; the old folder (``--overwrite``) is removed only afterwards."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(output_dir, overwrite: bool = False):
+    """Yield a temporary folder to fill; it becomes ``output_dir`` only when the block ends without an error
+    (temp + rename: nothing half-written on failure). Written by hand: neither ``huggingface_hub`` nor
+    ``safetensors`` offers a folder-level atomic write."""
+    out, tmp = prepare_output(output_dir, overwrite)
+    try:
+        yield tmp
+        commit_output(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 class WeightSource:

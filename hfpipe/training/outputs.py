@@ -4,18 +4,20 @@ the optimizer's weight-decay groups, which follow HF Trainer's naming rules like
 The exported folder is a normal HF folder (``from_pretrained`` loads it). From a checkpoint it is
 ``hfpipe.checkpoint.export``'s conversion; without one, every stage's live parameters are gathered on rank 0 under
 their HF names and written by the same writer (``hfpipe.checkpoint.write_hf_folder``). With LoRA it is a PEFT adapter
-folder (``adapter_config.json`` + ``adapter_model.safetensors``) of the live adapter tensors. Hub uploads never raise
-on rank 0 alone: the other ranks would wait forever in the next collective.
+folder (``adapter_config.json`` + ``adapter_model.safetensors`` + a model card with PEFT's metadata) of the live
+adapter tensors, and with ``--merge_lora`` also ``output_dir/merged``, the base with the adapter merged in by PEFT.
+Hub uploads never raise on rank 0 alone: the other ranks would wait forever in the next collective.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
 import torch
 
-from hfpipe.checkpoint import export, hf_weight_names, write_hf_folder
+from hfpipe.checkpoint import export, hf_weight_names, merge_adapter, write_hf_folder
 from hfpipe.core.lora import is_adapter_key, save_adapter
 
 #: HF Trainer's rule: no weight decay on biases and parameters named like norms (LayerNorm modules too).
@@ -57,17 +59,41 @@ def export_model(trainer, output_dir: str, checkpoint: str | None = None) -> str
         checkpoint = None  # the adapter from the live weights (the best checkpoint's, if loaded)
     if checkpoint is None:
         state = _gather_hf_state(trainer, only_adapter=plan is not None)
+    base = getattr(trainer.pipe.config, "_name_or_path", None) or None
+    merge = plan is not None and getattr(trainer.args, "merge_lora", False)
+    if merge and not base:  # every rank, before anyone writes: rank 0 alone raising would leave the others waiting
+        raise ValueError("--merge_lora needs the base model as a folder or Hub id (its config has no _name_or_path: "
+                         "the model was built from a config). Fix: pass the model as a folder, or merge later with "
+                         "hfpipe export OUT/final --merge-lora --model BASE.")
     if trainer.rank == 0:
         if checkpoint is not None:
             export(checkpoint, output_dir, overwrite=True, progress=not trainer.args.disable_tqdm)
         elif plan is not None:
-            save_adapter(plan.config, state, output_dir, getattr(trainer.pipe.config, "_name_or_path", None))
+            def extra(folder):  # inside the adapter folder before it appears: the card and the tokenizer
+                _adapter_card(trainer, base).save(os.path.join(folder, "README.md"))
+                if trainer.processing_class is not None:
+                    trainer.processing_class.save_pretrained(folder)
+
+            save_adapter(plan.config, state, output_dir, base, extra=extra)
+            if merge:
+                merge_adapter(output_dir, base, os.path.join(os.path.dirname(os.path.abspath(output_dir)), "merged"),
+                              overwrite=True)
         else:
             _save_live(trainer.pipe, state, output_dir)
-        if trainer.processing_class is not None:
+        if trainer.processing_class is not None and plan is None:
             trainer.processing_class.save_pretrained(output_dir)
     dist.barrier()
     return output_dir
+
+
+def _adapter_card(trainer, base: str | None):
+    """The model card of a LoRA run's adapter folder: PEFT's metadata (``library_name: peft``, ``base_model``) and
+    the run's settings (``hfpipe.hub.model_card``)."""
+    from hfpipe.hub import hyperparameters, model_card
+
+    info = {"library_name": "peft", "base_model": base, "task": trainer.pipe.head.name,
+            "hyperparameters": hyperparameters(trainer.ds_config, trainer.args)}
+    return model_card(trainer.args.hub_model_id or os.path.basename(os.path.normpath(trainer.args.output_dir)), info)
 
 
 def _gather_hf_state(trainer, only_adapter: bool = False) -> dict:
@@ -106,6 +132,8 @@ def push(trainer, folder: str, metrics: dict):
     hp["world_size"] = trainer.world_size
     info = {"metrics": metrics, "hyperparameters": hp, "task": trainer.pipe.head.name,
             "base_model": getattr(trainer.pipe.config, "_name_or_path", None) or None}
+    if getattr(trainer.pipe, "hfpipe_builder", None) is not None and trainer.pipe.hfpipe_builder.lora is not None:
+        info["library_name"] = "peft"  # an adapter folder: PEFT's card metadata
     name = getattr(getattr(trainer.train_dataset, "info", None), "dataset_name", None)
     if name and name not in LOCAL_BUILDERS:
         info["dataset"] = name  # a Hub dataset; local files and generated data have a builder name only
