@@ -193,14 +193,16 @@ def test_fsdp_and_unsupported_precision_refused(tmp_path):
     multi.write_text("distributed_type: MULTI_CPU\nmixed_precision: bf16\nnum_processes: 2\n"
                      "deepspeed_config:\n  zero_stage: 3\n")
     ds, src = resolve(accelerate_config=str(multi))
-    assert ds["bf16"]["enabled"] is True and ds["zero_optimization"]["stage"] == 0 and src["zero_stage"] == "default"
+    assert ds["bf16"]["enabled"] is True and ds["zero_optimization"]["stage"] == 1  # what --bf16 alone picks
+    assert src["zero_stage"].startswith("default (bf16: ZeRO-1")
 
 
 def test_num_processes_must_match_and_divide_by_stages(tmp_path):
     path = write_yaml(tmp_path, ds={"zero_stage": 1}, num_processes=3)
     with pytest.raises(ConfigError, match=rf"num_processes=3 \(from accelerate config {path}\) is not divisible by "
-                                          r"num_stages=2 \(from default\); .* set num_processes to a multiple of 2"):
-        resolve(accelerate_config=path, world=3)
+                                          r"num_stages=2 \(from command line --num_stages 2\); .* set num_processes to "
+                                          r"a multiple of 2"):
+        resolve(accelerate_config=path, world=3, num_stages=2)
     with pytest.raises(ConfigError, match=r"num_processes=3 .* but 4 processes were launched"):
         resolve(accelerate_config=path, world=4)
 
@@ -244,7 +246,7 @@ def test_shipped_example_yaml_resolves():
 # ---------------------------------------------------------------------------------------------------- ds-config
 def test_ds_config_cli_prints_config_and_sources(tmp_path, capsys):
     path = write_yaml(tmp_path, "bf16", {"zero_stage": 1, "gradient_accumulation_steps": 4}, num_processes=4)
-    assert main(["ds-config", "--accelerate-config", path, "--per_device_train_batch_size", "2",
+    assert main(["ds-config", "--accelerate-config", path, "--per_device_train_batch_size", "2", "--num_stages", "2",
                  "--learning_rate", "1e-4", "--deepspeed", os.path.join(ROOT, "ds_configs", "bf16_zero1.json")]) == 0
     captured = capsys.readouterr()
     ds = json.loads(captured.out)  # stdout is the config alone; where each value comes from goes to stderr

@@ -208,7 +208,7 @@ def test_trainer_push_passes_the_card_from_rank_0_only(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(hfpipe.hub, "push_to_hub", lambda folder, repo, **kw: calls.append((folder, repo, kw)) or "u")
     args = PipelineTrainingArguments(push_to_hub=True, hub_model_id="user/tiny", hub_private_repo=True, bf16=True,
-                                     max_steps=7)
+                                     max_steps=7, num_stages=2)
     ds, _ = resolve_ds_config(args, 4, argv=[], env={})
     fake = SimpleNamespace(rank=0, world_size=4, args=args, ds_config=ds, train_dataset=None,
                            pipe=SimpleNamespace(head=SimpleNamespace(name="sequence-classification"),
@@ -221,7 +221,7 @@ def test_trainer_push_passes_the_card_from_rank_0_only(monkeypatch, tmp_path):
     assert info["metrics"] == {"eval_accuracy": 0.9}
     hp = info["hyperparameters"]
     assert (hp["num_stages"], hp["precision"], hp["zero_stage"], hp["world_size"], hp["max_steps"]) == \
-        (2, "bf16", 0, 4, 7)
+        (2, "bf16", 1, 4, 7)  # --bf16 alone: ZeRO-1 (fp32 accumulation)
     assert hp["partition_method"] == "balanced" and hp["train_batch_size"] == 16
     fake.rank = 1
     assert PipelineTrainer._push(fake, str(tmp_path), {}) is None and len(calls) == 1
