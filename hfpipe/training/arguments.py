@@ -127,12 +127,6 @@ class PipelineTrainingArguments(TrainingArguments):
     merge_lora: bool = field(default=False, metadata={"help": "With LoRA: also write output_dir/merged, the base with "
                                                               "the adapter merged in (PEFT's merge_and_unload), "
                                                               "loadable with from_pretrained."})
-    peft_adapter: str | None = field(
-        default=None, metadata={"help": "A PEFT adapter folder or Hub id to continue training (its config is the "
-                                        "LoRA config; each rank reads only its own stage's adapter tensors)."})
-    merge_lora: bool = field(default=False, metadata={"help": "With LoRA: also write output_dir/merged, the base with "
-                                                              "the adapter merged in (PEFT's merge_and_unload), "
-                                                              "loadable with from_pretrained."})
     plot_curves: bool = field(default=True, metadata={"help": "Write output_dir/training_curves.png at the end."})
 
     def __post_init__(self):
