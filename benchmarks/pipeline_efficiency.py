@@ -37,7 +37,9 @@ TARGET_RATIO = 1.10  # measured / ideal at m >= 4p
 TARGET_OVERHEAD_MS = 1.0  # hfpipe - bare, per schedule slot (one forward + one backward on the critical path)
 #: bare-tuple / bare-packed: the hand-written module also sending an int64 mask and positions (as two tensors /
 #: stacked in one), which is what hfpipe sent between stages before it packed the mask into the hidden states.
-VARIANTS = ("bare", "bare-tuple", "bare-packed", "hfpipe")
+#: hfpipe-<schedule>: hfpipe trained with another schedule of hfpipe.schedules (hfpipe itself runs DeepSpeed's 1F1B)
+SCHEDULE_VARIANTS = ("hfpipe-zb-h1",)
+VARIANTS = ("bare", "bare-tuple", "bare-packed", "hfpipe") + SCHEDULE_VARIANTS
 COSTS = ("fixed", "sleep")
 
 
@@ -58,10 +60,13 @@ def _ds_config(micro_batch_size: int, num_micro_batches: int, dp: int = 1) -> di
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}}
 
 
-def _timed_instructions(engine, totals: dict, enabled: list):
-    """Wrap this engine's instruction table so that every instruction's wall time is summed by type."""
+def _timed_instructions(engine, totals: dict, enabled: list, memory: dict | None = None):
+    """Wrap this engine's instruction table so that every instruction's wall time is summed by type. ``memory``:
+    also count the micro-batches whose activations the stage holds (a forward adds one; the backward -- W under a
+    split schedule -- frees it), ``memory["peak"]`` the most at once."""
     wrapped = {}
-    for cls, fn in type(engine)._INSTRUCTION_MAP.items():
+    frees = "BackwardWeight" if any(c.__name__ == "BackwardWeight" for c in engine._INSTRUCTION_MAP) else "BackwardPass"
+    for cls, fn in engine._INSTRUCTION_MAP.items():
         def timed(self, *args, _fn=fn, _name=cls.__name__, **kwargs):
             t0 = time.perf_counter()
             try:
@@ -69,14 +74,18 @@ def _timed_instructions(engine, totals: dict, enabled: list):
             finally:
                 if enabled[0]:
                     totals[_name] = totals.get(_name, 0.0) + time.perf_counter() - t0
+                if memory is not None and _name in ("ForwardPass", frees) and self.module.training:
+                    memory["live"] = memory.get("live", 0) + (1 if _name == "ForwardPass" else -1)
+                    memory["peak"] = max(memory.get("peak", 0), memory["live"])
         wrapped[cls] = timed
     engine._INSTRUCTION_MAP = wrapped  # instance attribute shadows the class table
 
 
 def _build(variant: str, num_stages: int, num_micro_batches: int, t_forward: float, t_backward: float,
-           seq_len: int, micro_batch_size: int, seed: int, cost: str = "fixed"):
+           seq_len: int, micro_batch_size: int, seed: int, cost: str = "fixed", t_weight: float | None = None):
     """One pipeline engine whose stage has the fixed cost (``cost``, see the module docstring), and its
-    micro-batches."""
+    micro-batches. A split-backward schedule (``hfpipe-zb-h1``) takes ``t_backward - t_weight`` for B and
+    ``t_weight`` for W (the first stage, whose W is its whole backward, ``t_backward``)."""
     import deepspeed
     import torch
 
@@ -91,7 +100,7 @@ def _build(variant: str, num_stages: int, num_micro_batches: int, t_forward: flo
         pipe = harness.bare_llama_pipeline(config, num_stages, carry_ints=carry)
         block_type = BareBlock
         data = [(ids[i * micro_batch_size:(i + 1) * micro_batch_size],) * 2 for i in range(num_micro_batches)]
-    elif variant == "hfpipe":
+    elif variant == "hfpipe" or variant in SCHEDULE_VARIANTS:
         from transformers import LlamaForCausalLM
 
         from hfpipe import to_pipeline
@@ -107,8 +116,13 @@ def _build(variant: str, num_stages: int, num_micro_batches: int, t_forward: flo
         data = micro_batches(batch, pipe, num_micro_batches)
     else:
         raise ValueError(f"variant={variant!r}; expected one of {VARIANTS}.")
+    schedule = variant[len("hfpipe-"):] if variant in SCHEDULE_VARIANTS else None
+    split = schedule is not None
+    if split and cost != "fixed":
+        raise ValueError(f"variant {variant} runs with --cost fixed only (its W pass has a fixed cost).")
+    t_weight = t_backward / 2 if t_weight is None else t_weight
     if cost == "fixed":
-        harness.fix_stage_cost(pipe, t_forward, t_backward)
+        harness.fix_stage_cost(pipe, t_forward, t_backward - t_weight if split else t_backward)
     elif cost == "sleep":
         from hfpipe.core.layers import LayerKind
 
@@ -119,12 +133,31 @@ def _build(variant: str, num_stages: int, num_micro_batches: int, t_forward: flo
         raise ValueError(f"cost={cost!r}; expected one of {COSTS}.")
     engine, *_ = deepspeed.initialize(model=pipe, model_parameters=[p for p in pipe.parameters() if p.requires_grad],
                                       config=_ds_config(micro_batch_size, num_micro_batches))
+    if split:
+        from hfpipe.schedules import BackwardWeight, use_schedule
+
+        use_schedule(engine, schedule)
+        window = t_backward if engine.is_first_stage() else t_weight
+        table = dict(type(engine)._INSTRUCTION_MAP)
+        table[BackwardWeight] = _padded(table[BackwardWeight], window)
+        engine._INSTRUCTION_MAP = table  # instance attribute shadows the class table
     return engine, data, [int(x) for x in pipe.parts]  # DeepSpeed gives numpy ints
+
+
+def _padded(fn, seconds: float):
+    """``fn`` taking at least ``seconds`` (the rest slept): W's fixed cost."""
+    def padded(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            harness._sleep_until(t0 + seconds)
+    return padded
 
 
 def rank_run(variants, num_stages: int, num_micro_batches: int, t_forward: float, t_backward: float,
              steps: int, warmup: int, seq_len: int = 16, micro_batch_size: int = 1, seed: int = 0,
-             cost: str = "fixed"):
+             cost: str = "fixed", t_weight: float | None = None):
     """Runs on every rank of a ``DistributedPool(num_stages)``: build one engine per variant, then time ``steps``
     train steps of each, interleaved (variant order rotates every round) so that the variants share the machine's
     load changes. ``variants``: one name (returns its dict) or a list (returns ``{variant: dict}``)."""
@@ -135,11 +168,12 @@ def rank_run(variants, num_stages: int, num_micro_batches: int, t_forward: float
     with harness.torch_threads(1):
         names = [variants] if isinstance(variants, str) else list(variants)
         built = {v: _build(v, num_stages, num_micro_batches, t_forward, t_backward, seq_len, micro_batch_size, seed,
-                           cost) for v in names}
+                           cost, t_weight) for v in names}
         totals: dict[str, dict[str, float]] = {v: {} for v in names}
         enabled = {v: [False] for v in names}
+        memory: dict[str, dict] = {v: {} for v in names}
         for v, (engine, _, _) in built.items():
-            _timed_instructions(engine, totals[v], enabled[v])
+            _timed_instructions(engine, totals[v], enabled[v], memory[v])
         times: dict[str, list[float]] = {v: [] for v in names}
         for step in range(warmup + steps):
             order = names[step % len(names):] + names[:step % len(names)]
@@ -154,7 +188,7 @@ def rank_run(variants, num_stages: int, num_micro_batches: int, t_forward: float
                     times[v].append(elapsed)
         out = {v: {"rank": dist.get_rank(), "stage": built[v][0].stage_id, "times": times[v],
                    "instructions_ms_per_step": {k: 1e3 * t / steps for k, t in sorted(totals[v].items())},
-                   "parts": built[v][2]} for v in names}
+                   "parts": built[v][2], "peak_in_flight": memory[v].get("peak", 0)} for v in names}
         del built
         return out[names[0]] if isinstance(variants, str) else out
 
@@ -211,8 +245,18 @@ def _layer_costs(reps: int) -> dict:
     return out
 
 
-def summarize(variant: str, p: int, m: int, t_forward: float, t_backward: float, per_rank: list[dict]) -> dict:
-    """One result row: step time = slowest rank per step, median over steps."""
+def schedule_of(variant: str) -> str:
+    return variant[len("hfpipe-"):] if variant in SCHEDULE_VARIANTS else "1f1b"
+
+
+def summarize(variant: str, p: int, m: int, t_forward: float, t_backward: float, per_rank: list[dict],
+              t_weight: float | None = None) -> dict:
+    """One result row: step time = slowest rank per step, median over steps; ``theory_s``: the schedule's own
+    step time with free messages (``hfpipe.schedules.simulate``; 1F1B's is the ideal)."""
+    from hfpipe.schedules import simulate
+
+    t_weight = t_backward / 2 if t_weight is None else t_weight
+    sched = simulate(schedule_of(variant), p, m, t_forward, t_backward - t_weight, t_weight)
     steps = len(per_rank[0]["times"])
     step_times = [max(r["times"][i] for r in per_rank) for i in range(steps)]
     measured = harness.median(step_times)
@@ -234,7 +278,10 @@ def summarize(variant: str, p: int, m: int, t_forward: float, t_backward: float,
             "schedule_ratio": measured / ideal_with_compute,
             "useful_fraction": m * (t_forward + t_backward) / measured,
             "overhead_per_slot_ms": 1e3 * (measured - ideal) / (m + p - 1),
-            "step_times_s": step_times, "parts": per_rank[0]["parts"], "profile": profile}
+            "step_times_s": step_times, "parts": per_rank[0]["parts"], "profile": profile,
+            "schedule": schedule_of(variant), "t_weight_ms": 1e3 * t_weight, "theory_s": sched["step_time"],
+            "theory_ratio": sched["step_time"] / ideal, "theory_peak_in_flight": sched["peak_in_flight"],
+            "peak_in_flight": [r.get("peak_in_flight") for r in sorted(per_rank, key=lambda r: r["stage"])]}
 
 
 def hfpipe_overheads(rows: list[dict]) -> list[dict]:
@@ -287,7 +334,8 @@ def check_targets(rows: list[dict], overheads: list[dict]) -> dict:
 
 def run(stages=(2, 4), micro_batches=(1, 2, 4, 8, 16), variants=("bare", "hfpipe"),
         t_forward: float = 0.02, t_backward: float = 0.04, steps: int = 5, warmup: int = 2, log=print,
-        cost: str = "fixed") -> dict:
+        cost: str = "fixed", t_weight: float | None = None, per_stage: bool = False) -> dict:
+    """``per_stage``: ``micro_batches`` are multiples of the stage count (m = p, 2p, 4p for (1, 2, 4))."""
     from hfpipe.launch import DistributedPool
 
     env = harness.environment()
@@ -295,12 +343,12 @@ def run(stages=(2, 4), micro_batches=(1, 2, 4, 8, 16), variants=("bare", "hfpipe
     for p in stages:
         # the sleeping layers run on CPU ranks even where a GPU exists (gloo p2p between CPU tensors)
         with DistributedPool(p, timeout=900, env={"CUDA_VISIBLE_DEVICES": ""}) as pool:
-            for m in micro_batches:
+            for m in [k * p for k in micro_batches] if per_stage else micro_batches:
                 per_rank_all = pool.run(rank_run, list(variants), p, m, t_forward, t_backward, steps, warmup,
-                                        cost=cost)
+                                        cost=cost, t_weight=t_weight)
                 for variant in variants:
                     per_rank = [r[variant] for r in per_rank_all]
-                    row = summarize(variant, p, m, t_forward, t_backward, per_rank)
+                    row = summarize(variant, p, m, t_forward, t_backward, per_rank, t_weight)
                     rows.append(row)
                     log(f"p={p} m={m:>2} {variant:<6} measured {row['measured_s'] * 1e3:8.1f} ms  ideal "
                         f"{row['ideal_s'] * 1e3:8.1f} ms  ratio {row['ratio']:.3f}")
@@ -309,7 +357,8 @@ def run(stages=(2, 4), micro_batches=(1, 2, 4, 8, 16), variants=("bare", "hfpipe
     costs = layer_costs() if "hfpipe" in variants and "bare" in variants else None
     return {"benchmark": "pipeline_efficiency", "env": env, "command": harness.command_line(),
             "settings": {"stages": list(stages), "micro_batches": list(micro_batches), "variants": list(variants),
-                         "cost": cost,
+                         "cost": cost, "micro_batches_per_stage": per_stage,
+                         "t_weight_ms": 1e3 * (t_backward / 2 if t_weight is None else t_weight),
                          "t_forward_ms": 1e3 * t_forward, "t_backward_ms": 1e3 * t_backward, "steps": steps,
                          "warmup": warmup, "model": "tiny Llama: hidden 32, 1 block per stage, seq 16, "
                                                     "micro-batch size 1, tied embeddings, fp32"},
@@ -435,6 +484,53 @@ def markdown(results: dict, png: str | None = None) -> str:
     return "\n".join(lines)
 
 
+SCHEDULE_GOAL = 0.90  # zb-h1 step time / 1F1B ideal at p=4, m=8
+MEMORY_GOAL = 1.05  # peak activations / 1F1B's peak
+
+
+def schedule_table(rows: list[dict]) -> list[dict]:
+    """Per (p, m, schedule): measured and theoretical step time over the 1F1B ideal, and the peak activations
+    (micro-batches held at once) per stage, next to 1F1B's."""
+    ref = {(r["p"], r["m"]): r for r in rows if r["schedule"] == "1f1b"}
+    out = []
+    for r in sorted(rows, key=lambda r: (r["p"], r["m"], r["schedule"] != "1f1b")):
+        base = ref.get((r["p"], r["m"]))
+        peak, base_peak = r.get("peak_in_flight") or [], (base or {}).get("peak_in_flight") or []
+        out.append({"p": r["p"], "m": r["m"], "schedule": r["schedule"], "ideal_s": r["ideal_s"],
+                    "theory_ratio": r["theory_ratio"], "measured_s": r["measured_s"], "ratio": r["ratio"],
+                    "over_1f1b": base and r["measured_s"] / base["measured_s"],
+                    "peak": " ".join(str(x) for x in peak), "peak_ratio": (max(peak) / max(base_peak))
+                    if peak and base_peak and None not in peak + base_peak else None})
+    return out
+
+
+def markdown_schedules(results: dict) -> str:
+    s = results["settings"]
+    rows = schedule_table(results["rows"])
+    goal = [r for r in rows if r["p"] == 4 and r["m"] == 8 and r["schedule"] == "zb-h1"]
+    lines = [f"Each stage's forward takes exactly t_F = {s['t_forward_ms']:.0f} ms; 1F1B's backward t_B + t_W = "
+             f"{s['t_backward_ms']:.0f} ms; zb-h1 splits it into B = {s['t_backward_ms'] - s['t_weight_ms']:.0f} ms "
+             f"(input gradient) and W = {s['t_weight_ms']:.0f} ms (weight gradients; the first stage's W is its whole "
+             f"backward) ({s['model']}); step time = slowest rank, median of {s['steps']} steps after {s['warmup']} "
+             "warm-up steps, the schedules' steps interleaved on the same ranks. *1F1B ideal* = (m+p-1)(t_F+t_B+t_W); "
+             "*theory* = the schedule's own step time with free messages (`hfpipe.schedules.simulate`); *peak "
+             "activations* = micro-batches whose activations each stage holds at once (counted in the engine), "
+             "stage 0 first.", "",
+             harness.markdown_table(rows, [
+                 ("p", "p", ""), ("m", "m", ""), ("schedule", "schedule", ""), ("ideal_s", "1F1B ideal (s)", ".3f"),
+                 ("theory_ratio", "theory/1F1B ideal", ".3f"), ("measured_s", "measured (s)", ".3f"),
+                 ("ratio", "measured/1F1B ideal", ".3f"), ("over_1f1b", "measured/1F1B measured", ".3f"),
+                 ("peak", "peak activations per stage", ""), ("peak_ratio", "peak/1F1B peak", ".2f")]), ""]
+    if goal:
+        g = goal[0]
+        met = g["ratio"] <= SCHEDULE_GOAL and (g["peak_ratio"] or 0) <= MEMORY_GOAL
+        lines.append(f"- Goal zb-h1 <= {SCHEDULE_GOAL:.2f}x the 1F1B ideal at p=4, m=8 with peak activation memory "
+                     f"<= {MEMORY_GOAL:.2f}x 1F1B's: **{'met' if met else 'missed'}** ({g['ratio']:.3f}x, theory "
+                     f"{g['theory_ratio']:.3f}x; peak {g['peak_ratio']:.2f}x). Later stages hold up to p micro-batches "
+                     "instead of 1F1B's p-i: the busiest stage (the first) holds no more than under 1F1B.")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 4])
@@ -446,14 +542,37 @@ def main(argv=None) -> int:
                     help="fixed: each stage's forward/backward takes exactly t_F/t_B, its own work included; sleep: "
                          "t_F/t_B slept on top of the layers' own work")
     ap.add_argument("--t-forward-ms", type=float, default=20.0)
-    ap.add_argument("--t-backward-ms", type=float, default=40.0)
+    ap.add_argument("--t-backward-ms", type=float, default=40.0, help="1F1B's whole backward per micro-batch")
+    ap.add_argument("--t-weight-ms", type=float, default=20.0,
+                    help="W's share of it under a split-backward schedule (B takes the rest)")
+    ap.add_argument("--schedules", action="store_true",
+                    help="compare the schedules: hfpipe with 1f1b and zb-h1 at m = p, 2p, 4p (--micro-batches "
+                         "default 1 2 4 as multiples of p), written to benchmarks/results/cpu-schedules")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--out", default=os.path.join(harness.REPO, "benchmarks", "results", "cpu"),
+    ap.add_argument("--out", default=None,
                     help="folder for pipeline_efficiency.{json,md,png}")
     args = ap.parse_args(argv)
+    if args.schedules:
+        if "--micro-batches" not in (argv if argv is not None else sys.argv):
+            args.micro_batches = [1, 2, 4]
+        if "--variants" not in (argv if argv is not None else sys.argv):
+            args.variants = ["hfpipe", *SCHEDULE_VARIANTS]
+    args.out = args.out or os.path.join(harness.REPO, "benchmarks", "results",
+                                        "cpu-schedules" if args.schedules else "cpu")
     results = run(args.stages, args.micro_batches, args.variants, args.t_forward_ms / 1e3, args.t_backward_ms / 1e3,
-                  args.steps, args.warmup, cost=args.cost)
+                  args.steps, args.warmup, cost=args.cost, t_weight=args.t_weight_ms / 1e3,
+                  per_stage=args.schedules)
+    results["settings"]["schedules"] = bool(args.schedules)
+    if args.schedules:
+        results["command"] = harness.command_line(__file__, argv)
+        os.makedirs(args.out, exist_ok=True)
+        harness.write_json(os.path.join(args.out, "pipeline_efficiency.json"), results)
+        text = markdown_schedules(results)
+        with open(os.path.join(args.out, "pipeline_efficiency.md"), "w") as f:
+            f.write(text + "\n")
+        print(text)
+        return 0
     results["command"] = harness.command_line(__file__, argv)
     os.makedirs(args.out, exist_ok=True)
     png = harness.plot_efficiency(results["rows"], os.path.join(args.out, "pipeline_efficiency.png"),

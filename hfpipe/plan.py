@@ -5,7 +5,9 @@ Everything is read off the config: the model is built on the meta device (no wei
 about a second), its fixed layer list comes from ``hfpipe.pipeline.prepare``, each layer's work and memory from
 ``hfpipe.core.costs``, and the stage boundaries from the same ``compute_parts`` that ``to_pipeline`` uses -- so the plan
 shows exactly the split training will run with. The predicted pipeline efficiency is the 1F1B bubble times the
-imbalance: ``m / (m + p - 1) x mean / max`` stage cost.
+imbalance: ``m / (m + p - 1) x mean / max`` stage cost; with ``schedule="zb-h1"`` the bubble is ZB-H1's
+(``hfpipe.schedules.predict``: the backward split into equal input- and weight-gradient halves) and each stage's
+activations are those of the micro-batches ZB-H1 holds at once there.
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ def plan(model, *, stages: int, partition="balanced", seq_len: int = 4096, micro
          micro_batches: int | None = None, dp: int = 1, zero_stage: int = 0, dtype: str = "bf16",
          activation_checkpointing: bool = False, memory_cap_gib: float | None = None,
          attention_kernel: str = "flash", model_class=None, loss_chunk_tokens: int | None = None,
-         lora_r: int | None = None, lora_target_modules=None, target_len: int | None = None) -> dict:
+         lora_r: int | None = None, lora_target_modules=None, target_len: int | None = None,
+         schedule: str = "1f1b") -> dict:
     """The stage split of ``model`` (an HF model, a config + ``model_class``, or a config folder / config.json) and
     each stage's layers, parameters, FLOPs, share of work and memory. ``micro_batches`` defaults to ``4 x stages``;
     ``loss_chunk_tokens`` as in ``to_pipeline`` (the head keeps no logits and runs again in backward). ``lora_r``:
@@ -95,6 +98,10 @@ def plan(model, *, stages: int, partition="balanced", seq_len: int = 4096, micro
     if stages < 1:
         raise ValueError(f"stages={stages}; expected a positive integer.")
     m = micro_batches or 4 * stages
+    from hfpipe.schedules import predict
+
+    # the schedule's bubble (t_B = 2 t_F) and micro-batches held per stage; rule errors before any work
+    sched = predict(schedule, stages, m, 1.0, 2.0)
     builder = prepare(model, model_class, device="meta")
     builder.lora = lora_lib.plan(builder.adapter.meta_model, _lora_config(lora_r, lora_target_modules, builder))
     builder.chunk_loss(loss_chunk_tokens)
@@ -125,14 +132,19 @@ def plan(model, *, stages: int, partition="balanced", seq_len: int = 4096, micro
     for s in range(stages):
         start, stop = parts[s], parts[s + 1]
         mem = costs_lib.stage_memory(layer_costs, start, stop, s, stages, **mem_kwargs)
+        base = costs_lib.in_flight(s, stages, m)
+        held = sched["peak_in_flight"][s]
+        if held != base:  # activations scale with the micro-batches a stage holds at once
+            extra = mem["activations"] * (held / base - 1)
+            mem = {**mem, "activations": mem["activations"] + extra, "total": mem["total"] + extra}
         rows.append({"stage": s, "first_layer": start, "last_layer": stop - 1,
                      "layers": describe_layers(infos, start, stop),
                      "params": sum(c.params for c in layer_costs[start:stop]),
                      "trainable_params": sum(c.trainable_params for c in layer_costs[start:stop]), "flops": sums[s],
-                     "share": sums[s] / total if total else 0.0, "in_flight": costs_lib.in_flight(s, stages, m),
+                     "share": sums[s] / total if total else 0.0, "in_flight": held,
                      "memory_gib": {k: v / GIB for k, v in mem.items()}})
     imbalance = max(sums) / mean if mean else 1.0
-    bubble = m / (m + stages - 1)
+    bubble = m * 3.0 / sched["step_time"]  # = m / (m + p - 1) for 1F1B
     return {
         "model": name, "model_type": builder.adapter.config.model_type, "stages": stages,
         "partition": partition if isinstance(partition, str) else list(partition), "parts": parts,
@@ -142,7 +154,7 @@ def plan(model, *, stages: int, partition="balanced", seq_len: int = 4096, micro
         "attention_kernel": attention_kernel, "memory_cap_gib": memory_cap_gib, "loss_chunk_tokens": loss_chunk_tokens,
         "lora_r": lora_r, "lora_target_modules": _targets(builder.lora),
         "total_flops": total, "imbalance": imbalance, "bubble_efficiency": bubble,
-        "efficiency": bubble / imbalance, "stage_rows": rows,
+        "efficiency": bubble / imbalance, "stage_rows": rows, "schedule": sched["schedule"],
     }
 
 
@@ -222,8 +234,9 @@ def format_plan(report: dict) -> str:
         "",
         f"parts: {r['parts']}",
         f"imbalance (max/mean stage FLOPs): {r['imbalance']:.4f}",
-        f"predicted efficiency: m/(m+p-1) x mean/max = {r['bubble_efficiency']:.4f} x {1 / r['imbalance']:.4f} "
-        f"= {r['efficiency']:.4f}",
+        f"predicted efficiency ({r.get('schedule', '1f1b')}): "
+        + ("m/(m+p-1)" if r.get("schedule", "1f1b") == "1f1b" else "bubble") +
+        f" x mean/max = {r['bubble_efficiency']:.4f} x {1 / r['imbalance']:.4f} = {r['efficiency']:.4f}",
     ]
     return "\n".join(lines)
 

@@ -272,6 +272,10 @@ class ZeroBubbleEngine(PipelineEngine):
         PipelineEngine._exec_forward_pass(self, buffer_id)
         if self.is_last_stage():
             self._zb_losses[buffer_id] = self.loss
+        else:
+            out = self.pipe_buffers["outputs"][buffer_id]
+            if torch.is_tensor(out) and out._is_view():  # B detaches its outputs in place, which a view refuses
+                self.pipe_buffers["outputs"][buffer_id] = out.clone()
 
     def _weights(self) -> list:
         return [p for p in self.module.parameters() if p.requires_grad]

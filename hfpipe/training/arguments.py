@@ -89,6 +89,9 @@ class PipelineTrainingArguments(TrainingArguments):
     activation_checkpoint_interval: int = field(default=0, metadata={"help": "Checkpoint activations every N "
                                                                              "layers (0: off; --gradient_checkpointing"
                                                                              " sets 1)."})
+    pipeline_schedule: str = field(default="1f1b", metadata={"help": "Pipeline schedule: 1f1b (DeepSpeed's) | "
+                                   "zb-h1 (zero-bubble: backward split into input and weight passes, 1F1B's peak "
+                                   "memory) | dualpipev (not available yet)."})
     warmup_ratio: float = field(default=0.0, metadata={"help": "Warm-up as a fraction of the training steps (HF 4.x "
                                                                "flag; transformers 5: --warmup_steps < 1)."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Ignore checkpoints in output_dir (without "

@@ -23,7 +23,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 from hfpipe.core.dsconfig import (OFFLOAD_SECTIONS, ConfigError, check_batch_sizes, check_no_offload,
-                                   check_one_precision, check_stages_divide, check_zero_stage)
+                                   check_one_precision, check_schedule, check_stages_divide, check_zero_stage)
 from hfpipe.training.arguments import explicit_fields, parse_args
 
 __all__ = ["ConfigError", "describe", "explicit_fields", "format_sources", "resolve_ds_config"]
@@ -46,6 +46,7 @@ CLI_FIELDS = {
     "num_stages": "num_stages",
     "partition_method": "partition_method",
     "activation_checkpoint_interval": "activation_checkpoint_interval",
+    "schedule": "pipeline_schedule",
     "optim": "optim",
 }
 FALLBACK_DEFAULTS = {"zero_stage": 0, "train_batch_size": None}
@@ -98,6 +99,7 @@ def _json_layer(path: str | None) -> tuple[dict, dict, dict]:
     if pipe.get("partition") not in (None, "best"):  # "best" is DeepSpeed's own default, not a choice
         put("partition_method", pipe["partition"])
     put("activation_checkpoint_interval", pipe.get("activation_checkpoint_interval"))
+    put("schedule", pipe.get("schedule"))
     if raw.get("scheduler"):
         raise ConfigError(f"{path} has a \"scheduler\" section; hfpipe builds the schedule from --lr_scheduler_type, "
                           "--warmup_steps/--warmup_ratio and --learning_rate. Remove the section.")
@@ -120,7 +122,7 @@ def _accelerate_layer(args, env: Mapping[str, str] | None) -> tuple[dict, dict]:
 def _flatten_pipeline(settings: dict, sources: dict) -> None:
     pipe = settings.pop("pipeline", None) or {}
     psrc = sources.pop("pipeline", "accelerate")
-    for k in ("num_stages", "partition_method", "activation_checkpoint_interval"):
+    for k in ("num_stages", "partition_method", "activation_checkpoint_interval", "schedule"):
         if k in pipe:
             settings[k] = pipe[k]
             sources.setdefault(k, psrc)
@@ -286,7 +288,9 @@ def _build(s: dict, sources: dict, raw: dict, world_size: int) -> dict:
     pipe_sec = copy.deepcopy(raw.get("pipeline") or {})
     pm = s["partition_method"]
     pipe_sec.update({"stages": stages, "partition": pm if isinstance(pm, str) else list(pm),
-                     "activation_checkpoint_interval": int(s["activation_checkpoint_interval"])})
+                     "activation_checkpoint_interval": int(s["activation_checkpoint_interval"]),
+                     "schedule": check_schedule(s.get("schedule"), num_stages=stages, micro_batches=gas, fp16=fp16,
+                                                source=f"from {sources.get('schedule', DEFAULT)}")})
     ds["pipeline"] = pipe_sec
     return ds
 
@@ -348,6 +352,7 @@ def format_sources(ds_config: dict, sources: dict) -> str:
     values = {
         "num_stages": ds_config["pipeline"]["stages"], "partition_method": ds_config["pipeline"]["partition"],
         "activation_checkpoint_interval": ds_config["pipeline"]["activation_checkpoint_interval"],
+        "schedule": ds_config["pipeline"].get("schedule", "1f1b"),
         "micro_batch_size": ds_config["train_micro_batch_size_per_gpu"],
         "gradient_accumulation_steps": ds_config["gradient_accumulation_steps"],
         "train_batch_size": ds_config["train_batch_size"], "gradient_clipping": ds_config["gradient_clipping"],
