@@ -1,4 +1,11 @@
-"""A pool of N gloo ranks on this machine that runs functions on every rank.
+"""Joining the process group with a timeout, and a pool of N gloo ranks on this machine that runs functions on
+every rank.
+
+:func:`init_distributed` is how every hfpipe process joins: one timeout (``--ddp_timeout``; default
+:data:`DEFAULT_TIMEOUT_S` on CPU) for the rendezvous and for every process group created afterwards (DeepSpeed's
+pipeline, data-parallel and tied-weight groups), and a rank or node that never joins is named on rank 0.
+:func:`name_timeouts` turns a collective that timed out inside a pipeline step into one line naming the stage that
+stopped answering.
 
 Used by ``hfpipe verify`` and by the test-suite: processes start, import torch/transformers/DeepSpeed and join the
 process group once, then run many cases -- start-up is paid once per pool, not per case. A case that fails or
@@ -17,8 +24,173 @@ import traceback
 import torch.multiprocessing as mp
 
 
+#: seconds a rank waits for a peer (rendezvous and every collective) on CPU; HF's ``ddp_timeout`` default (1800 s)
+#: on GPU. DeepSpeed's own default is 30 minutes for both, which turned a frozen peer into a long hang.
+DEFAULT_TIMEOUT_S = 300
+GPU_TIMEOUT_S = 1800
+
+
 class RankError(RuntimeError):
     pass
+
+
+class PeerTimeout(RuntimeError):
+    """A rank or stage did not answer within the timeout."""
+
+
+def default_timeout() -> int:
+    import torch
+
+    return GPU_TIMEOUT_S if torch.cuda.is_available() else DEFAULT_TIMEOUT_S
+
+
+def resolve_timeout(args) -> float:
+    """Seconds from ``args.ddp_timeout`` (HF's ``TrainingArguments`` name): the value given, or
+    :func:`default_timeout` when it was not set (HF's 1800 s default is read as "not set" unless typed)."""
+    import sys
+
+    value = getattr(args, "ddp_timeout", None)
+    typed = "ddp_timeout" in (getattr(args, "_explicit_fields", None) or ()) or "--ddp_timeout" in sys.argv
+    if value is None or (value == GPU_TIMEOUT_S and not typed):
+        return default_timeout()
+    if value <= 0:
+        raise ValueError(f"--ddp_timeout {value}: must be a positive number of seconds (default "
+                         f"{DEFAULT_TIMEOUT_S} on CPU, {GPU_TIMEOUT_S} on GPU).")
+    return float(value)
+
+
+def _node_of(rank: int) -> str:
+    """``node K`` for a global rank under DeepSpeed's launcher (``LOCAL_SIZE`` ranks per node), else ``''``."""
+    local = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 0)
+    nodes = int(os.environ.get("CROSS_SIZE") or 0)
+    return f"node {rank // local}" if local and nodes > 1 else ""
+
+
+def _rendezvous_store(rank: int, world: int, timeout):
+    """A TCPStore on ``MASTER_ADDR:MASTER_PORT`` where every rank checks in, so that rank 0 can name the ones that
+    never came (torch's own rendezvous only counts them). ``None`` under torchrun's agent store."""
+    import time
+
+    from torch.distributed import TCPStore
+
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return None
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    try:
+        store = TCPStore(addr, port, world_size=world, is_master=rank == 0, timeout=timeout,
+                         wait_for_workers=False)
+    except Exception as e:  # a client that never reached the master
+        raise PeerTimeout(f"rank {rank}: the master (rank 0 at {addr}:{port}) did not answer within "
+                          f"{timeout.total_seconds():.0f} s ({type(e).__name__}); start node 0 (and check "
+                          "--master_addr/--master_port), or raise --ddp_timeout.") from None
+    store.set(f"hfpipe/joined/{rank}", socket.gethostname())
+    if rank == 0:
+        keys = [f"hfpipe/joined/{r}" for r in range(world)]
+        deadline = time.monotonic() + timeout.total_seconds()
+        while True:
+            missing = [r for r, k in enumerate(keys) if not store.check([k])]
+            if not missing:
+                store.set("hfpipe/go", "ok")
+                break
+            if time.monotonic() > deadline:
+                nodes = sorted({_node_of(r) for r in missing} - {""})
+                where = f" ({', '.join(nodes)})" if nodes else ""
+                msg = (f"rank(s) {', '.join(map(str, missing))}{where} of {world} never joined within "
+                       f"{timeout.total_seconds():.0f} s (--ddp_timeout); start every node's launcher with the same "
+                       "--master_addr/--master_port and --num_nodes, or raise --ddp_timeout.")
+                store.set("hfpipe/go", msg)
+                raise PeerTimeout(msg)
+            time.sleep(0.05)
+    else:
+        try:
+            store.wait(["hfpipe/go"])
+        except Exception:
+            raise PeerTimeout(f"rank {rank}: rank 0 did not finish the rendezvous within "
+                              f"{timeout.total_seconds():.0f} s (--ddp_timeout).") from None
+        go = store.get("hfpipe/go").decode()
+        if go != "ok":
+            raise PeerTimeout(go)
+    from torch.distributed import PrefixStore
+
+    return PrefixStore("hfpipe/pg", store)
+
+
+def init_distributed(timeout_s: float | None = None, backend: str | None = None) -> None:
+    """Join the process group (``RANK``/``WORLD_SIZE``/``MASTER_*`` from the launcher) through
+    ``deepspeed.init_distributed(timeout=...)``; the timeout also becomes torch's default for every process group
+    created later (DeepSpeed builds its pipeline grid's groups without passing one). A no-op if already joined,
+    except that a given ``timeout_s`` still applies to the groups created from now on."""
+    from datetime import timedelta
+
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    timeout = timedelta(seconds=float(timeout_s if timeout_s else default_timeout()))
+    if timeout_s or not (dist.is_available() and dist.is_initialized()):
+        c10d.default_pg_timeout = timeout  # what new_group() uses when no timeout is passed
+        c10d.default_pg_nccl_timeout = timeout
+    if dist.is_available() and dist.is_initialized():
+        return
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if "WORLD_SIZE" not in os.environ:  # a plain `python script.py`: one process, one stage
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(_free_port())})
+    os.environ.setdefault("LOCAL_RANK", "0")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = _rendezvous_store(rank, world, timeout) if world > 1 else None
+    if store is not None:
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+
+
+#: DeepSpeed pipeline instructions -> which peer a rank waits for in them (relative stage, or a group)
+_WAITS_ON = {"_exec_recv_activations": -1, "_exec_recv_grads": +1, "_exec_send_activations": +1,
+             "_exec_send_grads": -1, "_exec_reduce_tied_grads": "the stages sharing a tied weight",
+             "_exec_reduce_grads": "the other data-parallel replicas of this stage",
+             "_aggregate_total_loss": "the last stage (loss broadcast)", "_bcast_pipe_scalar": "the last stage"}
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("timed out" in text or "timeout" in text)
+
+
+def name_timeouts(engine, fn):
+    """``fn`` (``engine.train_batch`` / ``eval_batch``) with a collective that times out re-raised as
+    :class:`PeerTimeout` naming the stage this rank was waiting for, found from the pipeline instruction that was
+    running (DeepSpeed's and gloo's own message names neither)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:
+            if not _is_timeout(e):
+                raise
+            tb, waits = e.__traceback__, None
+            while tb is not None:
+                waits = _WAITS_ON.get(tb.tb_frame.f_code.co_name, waits)
+                tb = tb.tb_next
+            stage, stages = engine.stage_id, engine.num_stages
+            if isinstance(waits, int):
+                peer = stage + waits
+                who = f"stage {peer}" + (f" ({_node_of(engine.grid.stage_to_global(peer))})"
+                                         if _node_of(engine.grid.stage_to_global(peer)) else "")
+            else:
+                who = waits or "a peer stage"
+            import torch.distributed as dist
+
+            from datetime import timedelta
+
+            limit = getattr(dist.distributed_c10d, "default_pg_timeout", timedelta(0))
+            raise PeerTimeout(f"rank {dist.get_rank()} (stage {stage} of {stages}): {who} stopped answering; no "
+                              f"reply within {limit.total_seconds():.0f} s (--ddp_timeout). Check that rank's log "
+                              f"(a hang or a crash there), or raise --ddp_timeout. [{str(e).splitlines()[0][:200]}]"
+                              ) from None
+    return wrapped
 
 
 def _free_port() -> int:
@@ -27,7 +199,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, jobs, results, env: dict) -> None:
+def _worker(rank: int, world_size: int, port: int, jobs, results, env: dict, pg_timeout=None) -> None:
     os.environ.update(env)
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
@@ -40,7 +212,7 @@ def _worker(rank: int, world_size: int, port: int, jobs, results, env: dict) -> 
         import deepspeed
 
         deepspeed.utils.logger.setLevel(logging.WARNING)
-        deepspeed.init_distributed(dist_backend="gloo")
+        init_distributed(pg_timeout, backend="gloo")
     except Exception:
         results.put((rank, False, traceback.format_exc()))
         return
@@ -88,9 +260,11 @@ def _destroy_groups_since(before: set) -> None:
 
 
 class DistributedPool:
-    """``with DistributedPool(4) as pool: per_rank = pool.run(fn, *args)``."""
+    """``with DistributedPool(4) as pool: per_rank = pool.run(fn, *args)``. ``timeout``: seconds the parent waits
+    for a job's results; ``pg_timeout``: the ranks' process-group timeout (:func:`init_distributed`)."""
 
-    def __init__(self, world_size: int, timeout: float = 600.0, env: dict | None = None):
+    def __init__(self, world_size: int, timeout: float = 600.0, env: dict | None = None,
+                 pg_timeout: float | None = None):
         self.world_size = world_size
         self.timeout = timeout
         ctx = mp.get_context("spawn")
@@ -99,8 +273,9 @@ class DistributedPool:
         port = _free_port()
         base_env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         base_env.update(env or {})
-        self._procs = [ctx.Process(target=_worker, args=(r, world_size, port, self._jobs[r], self._results, base_env),
-                                   daemon=True) for r in range(world_size)]
+        self._procs = [ctx.Process(target=_worker, daemon=True,
+                                   args=(r, world_size, port, self._jobs[r], self._results, base_env, pg_timeout))
+                       for r in range(world_size)]
         for p in self._procs:
             p.start()
         self._collect("start-up")

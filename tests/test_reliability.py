@@ -120,3 +120,47 @@ def test_explicit_incomplete_checkpoint_is_one_clear_error(tmp_path):
         find_checkpoint(str(tmp_path / "checkpoint-4"), str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no complete checkpoint-N folder"):
         find_checkpoint("latest", str(tmp_path / "checkpoint-4"))
+
+
+# ------------------------------------------------------------------------------------------ timeouts (part 4)
+def rank_frozen_peer(freeze_s: float):
+    """Stage 1 freezes (sleeps) instead of taking part in a pipeline step; stage 0 must end with a line naming it."""
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    import torch.distributed as dist
+
+    from hfpipe import to_pipeline
+    from hfpipe.launch import PeerTimeout
+    from hfpipe.pipeline import initialize
+
+    pipe = to_pipeline(tiny_config("llama"), model_class=AutoModelForCausalLM, num_stages=2,
+                       partition_method="uniform")
+    engine, *_ = initialize(pipe, {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2,
+                                   "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}})
+    dist.barrier()
+    if engine.stage_id == 1:
+        time.sleep(freeze_s)
+        return None
+    from hfpipe.core.batches import micro_batches
+
+    ids = torch.randint(1, 100, (2, 8))
+    data = micro_batches({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}, pipe, 2, 0, 1)
+    t0 = time.monotonic()
+    try:
+        engine.train_batch(iter(data))
+    except PeerTimeout as e:
+        return time.monotonic() - t0, str(e)
+    return time.monotonic() - t0, "no timeout"
+
+
+def test_a_frozen_stage_ends_the_run_within_the_timeout_naming_it():
+    from hfpipe.launch import DistributedPool
+
+    with DistributedPool(2, timeout=120, pg_timeout=3) as pool:  # its own pool: a timed-out group is not reusable
+        waited, message = pool.run(rank_frozen_peer, 8.0)[0]
+        pool.close(force=True)
+    assert message.startswith("rank 0 (stage 0 of 2): stage 1 stopped answering; no reply within 3 s "
+                              "(--ddp_timeout)"), message
+    assert 2.5 < waited < 7.5

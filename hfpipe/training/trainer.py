@@ -70,6 +70,9 @@ class PipelineTrainer:
         set_seed(args.seed)
         pipe_cfg = self.ds_config["pipeline"]
         self.num_stages = pipe_cfg["stages"]
+        from hfpipe.launch import init_distributed, resolve_timeout
+
+        init_distributed(resolve_timeout(args))  # --ddp_timeout for the rendezvous and every process group
         self.pipe = self._build_pipe(model, model_class, pipe_cfg)
         import torch.distributed as dist
 
