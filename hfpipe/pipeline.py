@@ -113,7 +113,6 @@ class HFPipelineModule(PipelineModule):
 
 
 def _ensure_distributed() -> None:
-    import deepspeed
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -125,7 +124,9 @@ def _ensure_distributed() -> None:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                            "MASTER_PORT": str(port)})
     os.environ.setdefault("LOCAL_RANK", "0")
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    from hfpipe.launch import init_distributed
+
+    init_distributed()  # deepspeed.init_distributed with hfpipe's timeout (--ddp_timeout; 300 s on CPU)
 
 
 def to_pipeline(model, *, num_stages: int | None = None, topology=None, partition_method="balanced",
