@@ -98,3 +98,55 @@ def test_plan_encoder_decoder_target_len():
     assert short["parts"][1] < 10 < equal["parts"][1]  # layer 10: the encoder's final norm
     assert "target_len=4" in format_plan(short)
     assert short["stage_rows"][0]["layers"].startswith("embed, B0")
+
+
+# ------------------------------------------------------------------------------------------------------ generation
+def _seq2seq(model_type, overrides):
+    from transformers import AutoModelForSeq2SeqLM
+
+    torch.manual_seed(0)
+    return AutoModelForSeq2SeqLM.from_config(family_config(model_type, **overrides)).eval()
+
+
+def _sources(batch=4, length=9):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 128, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate([3, 0, 1, 5][:batch]):  # right padding, lengths differ
+        if pad:
+            mask[row, -pad:] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _rank_generate(model_type, overrides, stages, partition, ids, mask, kwargs):
+    from hfpipe import to_pipeline
+    from hfpipe.generation import generate
+
+    pipe = to_pipeline(_seq2seq(model_type, overrides), num_stages=stages, partition_method=partition)
+    return pipe.stage_id, generate(pipe, ids, mask, **kwargs)
+
+
+GEN_CASES = [("t5", {}, 1, "parameters"), ("t5", T5_V11, 2, T5_IN_DECODER), ("t5", {}, 4, [0, 4, 9, 12]),
+             ("bart", {"forced_eos_token_id": None, "eos_token_id": 127}, 2, BART_IN_DECODER),
+             ("marian", {"forced_eos_token_id": None, "eos_token_id": 127}, 4, [0, 3, 6, 8])]
+
+
+@pytest.mark.parametrize("model_type,overrides,stages,partition", GEN_CASES,
+                         ids=[f"{c[0]}-p{c[2]}" for c in GEN_CASES])
+def test_greedy_generation_equals_hf(dist_pool, model_type, overrides, stages, partition):
+    """The encoder runs once, every decoder stage keeps its self- and cross-attention caches: greedy output equals
+    ``model.generate`` token for token (T5's bias for each new query position, BART's positions past the cache)."""
+    ids, mask = _sources()
+    expected = _seq2seq(model_type, overrides).generate(input_ids=ids, attention_mask=mask, max_new_tokens=8,
+                                                          do_sample=False, num_beams=1)
+    results = dist_pool(stages).run(_rank_generate, model_type, overrides, stages, partition, ids, mask,
+                                    {"max_new_tokens": 8})
+    for stage, out in results:
+        assert torch.equal(out, expected), (stage, out, expected)
+    assert expected.shape[1] >= 5
+
+
+def test_beam_search_is_refused(dist_pool):
+    ids, mask = _sources(2)
+    with pytest.raises(Exception, match="num_beams=2: beam search is not implemented"):
+        dist_pool(1).run(_rank_generate, "t5", {}, 1, "parameters", ids, mask, {"max_new_tokens": 2, "num_beams": 2})
