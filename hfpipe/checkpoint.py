@@ -23,6 +23,7 @@ import torch
 from hfpipe._version import __version__
 from hfpipe.core.builder import prepare, stage_parts
 from hfpipe.core.lora import ADAPTER_WEIGHTS, AdapterSource, adapter_config, is_adapter_folder, save_adapter
+from hfpipe.core.validate import check_finite
 from hfpipe.core.weights import (FORMAT, FORMAT_VERSION, MANIFEST, build_layer, check_manifest, checkpoint_config,
                                 checkpoint_root_and_tag, CheckpointError, commit_output, is_pipeline_checkpoint,
                                 layer_file, layer_list, local_folder, parse_dtype, PipelineCheckpointSource,
@@ -34,6 +35,10 @@ DEFAULT_TAG = "global_step0"
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
               "merges.txt", "added_tokens.json", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model",
               "spm.model", "generation_config.json", "chat_template.jinja")
+
+#: the fix a refusal of non-finite weights names
+NONFINITE_FIX = ("the weights are damaged (a corrupt file, or a diverged run); use another copy or checkpoint, or "
+                 "pass --allow-nonfinite (allow_nonfinite=True) to write them anyway")
 
 
 def manifest_for(builder, infos, *, parts=None, partition_method=None, dtype=None, source=None, **extra) -> dict:
@@ -112,7 +117,8 @@ def _progress(iterable, desc: str, enabled: bool, unit: str = "layer"):
 
 
 def convert(model, output_dir, *, num_stages: int = 1, partition_method="balanced", dtype=None, model_class=None,
-            overwrite: bool = False, tag: str = DEFAULT_TAG, seq_len: int | None = None, progress: bool = True) -> dict:
+            overwrite: bool = False, tag: str = DEFAULT_TAG, seq_len: int | None = None, progress: bool = True,
+            allow_nonfinite: bool = False) -> dict:
     """Write ``model`` (an HF folder / Hub id, or a model instance) as a DeepSpeed pipeline checkpoint.
 
     ``output_dir`` gets ``latest``, ``<tag>/layer_XX-model_states.pt`` for every layer, one
@@ -168,6 +174,9 @@ def convert(model, output_dir, *, num_stages: int = 1, partition_method="balance
                     if v.is_floating_point():
                         dtypes.add(str(v.dtype).replace("torch.", ""))
                 del layer
+                if not allow_nonfinite:
+                    check_finite(state.items(), f"convert of {source_folder or type(model).__name__}, layer {i} "
+                                 f"({info.name})", fix=NONFINITE_FIX)
                 if key is not None:
                     tied_cache[key] = state
             torch.save(state, tag_dir / layer_file(i))
@@ -199,7 +208,7 @@ def convert(model, output_dir, *, num_stages: int = 1, partition_method="balance
 
 
 def export(checkpoint, output_dir, *, dtype=None, max_shard_size="5GB", overwrite: bool = False, model=None,
-           model_class=None, progress: bool = True, merge_lora: bool = False) -> str:
+           model_class=None, progress: bool = True, merge_lora: bool = False, allow_nonfinite: bool = False) -> str:
     """Write a pipeline checkpoint as an HF folder that ``AutoModelFor<Task>.from_pretrained`` loads.
 
     ``checkpoint`` is a folder written by ``convert``, a ``PipelineTrainer`` ``checkpoint-N`` folder, or any
@@ -230,7 +239,10 @@ def export(checkpoint, output_dir, *, dtype=None, max_shard_size="5GB", overwrit
     expected = hf_weight_names(builder.adapter, source.keys(), root)
 
     def read():
-        return {name: source.get(name).contiguous() for name in _progress(expected, "export", progress, unit="tensor")}
+        state = {name: source.get(name).contiguous() for name in _progress(expected, "export", progress, unit="tensor")}
+        if not allow_nonfinite:
+            check_finite(state.items(), f"export of {root}", fix=NONFINITE_FIX)
+        return state
 
     return write_hf_folder(builder.adapter, read, output_dir, max_shard_size=max_shard_size, overwrite=overwrite,
                            side_files=root)

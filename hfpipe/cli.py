@@ -215,6 +215,7 @@ def _output_flags(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--output", required=True, help=f"new folder for the {what}")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--allow-nonfinite", action="store_true", help="write weights holding NaN/Inf instead of refusing")
 
 
 @command("convert", "write an HF model as a DeepSpeed pipeline checkpoint (stage-loadable at any stage count)")
@@ -234,7 +235,8 @@ def _convert(p: argparse.ArgumentParser):
 
         m = convert(args.model, args.output, num_stages=args.stages,
                     partition_method=parse_partition_method(args.partition), dtype=args.dtype,
-                    model_class=_model_class(args.model_class), overwrite=args.overwrite, progress=not args.no_progress)
+                    model_class=_model_class(args.model_class), overwrite=args.overwrite, progress=not args.no_progress,
+                    allow_nonfinite=args.allow_nonfinite)
         parts = m["partition"]["parts"]
         print(f"wrote {args.output}: {m['architecture']}, {m['num_layers']} layers, {m['partition']['num_stages']} "
               f"stages (first layers {parts[:-1]}), dtype {m['dtype']}")
@@ -267,7 +269,8 @@ def _export(p: argparse.ArgumentParser):
 
         out = export(args.checkpoint, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
                      overwrite=args.overwrite, model=args.model, model_class=_model_class(args.model_class),
-                     progress=not args.no_progress, merge_lora=args.merge_lora)
+                     progress=not args.no_progress, merge_lora=args.merge_lora,
+                     allow_nonfinite=args.allow_nonfinite)
         print(f"wrote {out} (load it with AutoModelFor<Task>.from_pretrained({out!r}))")
         return 0
 
@@ -311,6 +314,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except (ValueError, FileNotFoundError, KeyError) as exc:  # user errors: one clear line, no traceback
         print(f"hfpipe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a read-only folder, a full disk, a path that is a file: the system's reason, one line
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"hfpipe {args.command}: error: {exc.strerror or exc}{where}; check the path, its permissions and the "
+              "free disk space.", file=sys.stderr)
         return 2
 
 

@@ -336,6 +336,87 @@ def _(tmp):
     return raised(export, tmp / "ckpt", tmp / "hf", model=wide, model_class=AutoModelForCausalLM, progress=False)
 
 
+def _saved(tmp: Path, **kw) -> Path:
+    """A tiny Llama saved with save_pretrained (one model.safetensors)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config, _ = _llama(**kw)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp / "hf")
+    return tmp / "hf"
+
+
+@case("safetensors-truncated", "`hfpipe convert` of a folder whose model.safetensors lost its last 100 bytes")
+def _(tmp):
+    from hfpipe.checkpoint import convert
+
+    f = _saved(tmp) / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    return raised(convert, tmp / "hf", tmp / "ckpt", progress=False)
+
+
+@case("safetensors-bad-header", "`hfpipe convert` of a model.safetensors whose header bytes are damaged")
+def _(tmp):
+    from hfpipe.checkpoint import convert
+
+    f = _saved(tmp) / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[10:20] = b"\xff" * 10
+    f.write_bytes(bytes(data))
+    return raised(convert, tmp / "hf", tmp / "ckpt", progress=False)
+
+
+@case("safetensors-nan-bytes", "`hfpipe convert` of a model.safetensors with damaged data bytes (header intact, "
+                               "NaNs in a weight)")
+def _(tmp):
+    import json as _json
+    import struct
+
+    from hfpipe.checkpoint import convert
+
+    f = _saved(tmp) / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    start = _json.loads(data[8:8 + n])["model.norm.weight"]["data_offsets"][0] + 8 + n
+    data[start:start + 8] = b"\xff" * 8  # two float32 NaNs
+    f.write_bytes(bytes(data))
+    return raised(convert, tmp / "hf", tmp / "ckpt", progress=False)
+
+
+@case("config-json-malformed", "`hfpipe convert` of a folder whose config.json is not valid JSON")
+def _(tmp):
+    from hfpipe.checkpoint import convert
+
+    folder = _saved(tmp)
+    (folder / "config.json").write_text((folder / "config.json").read_text()[:-20])
+    return raised(convert, folder, tmp / "ckpt", progress=False)
+
+
+@case("layer-file-truncated", "`hfpipe export` of a checkpoint whose layer file is truncated")
+def _(tmp):
+    from hfpipe.checkpoint import convert, export
+
+    convert(_saved(tmp), tmp / "ckpt", progress=False)
+    f = tmp / "ckpt" / "global_step0" / "layer_00-model_states.pt"
+    f.write_bytes(f.read_bytes()[:200])
+    return raised(export, tmp / "ckpt", tmp / "out", progress=False)
+
+
+@case("export-nonfinite", "`hfpipe export` of a checkpoint holding a NaN weight (a diverged run)")
+def _(tmp):
+    import torch
+
+    from hfpipe.checkpoint import convert, export
+
+    convert(_saved(tmp), tmp / "ckpt", progress=False)
+    f = tmp / "ckpt" / "global_step0" / "layer_00-model_states.pt"
+    state = torch.load(f)
+    next(iter(state.values()))[0, 0] = float("nan")
+    torch.save(state, f)
+    return raised(export, tmp / "ckpt", tmp / "out", progress=False)
+
+
 @case("push-offline", "`hfpipe push` with `HF_HUB_OFFLINE=1` (no network, e.g. no token reachable)")
 def _(tmp):
     from hfpipe.hub import push
@@ -358,6 +439,7 @@ def message(case_id: str, tmp: Path) -> str:
     exc = CASES[case_id][1](tmp)
     text = f"{type(exc).__name__}: {exc}"
     assert "\n" not in text, f"{case_id}: the message is not one line: {text!r}"
+    text = re.sub(r"Supported: .*?, and any family", "Supported: <the `hfpipe families` list>, and any family", text)
     return text.replace(str(tmp.resolve()), "<tmp>").replace(str(tmp), "<tmp>")
 
 
@@ -382,7 +464,8 @@ def table_rows() -> dict[str, str]:
 HEADER = """# Errors: what each bad input gets
 
 Every row is checked by `tests/test_errors.py`, which makes the bad input and compares the message it gets with the
-one shown here, word for word (`<tmp>` stands for a temporary folder). Errors hfpipe knows to be the user's print as
+one shown here, word for word (`<tmp>` stands for a temporary folder, and the list of supported families is
+abbreviated). Errors hfpipe knows to be the user's print as
 one line, `hfpipe <command>: error: ...` in the CLI, with exit status 2.
 
 | id | bad input | message |

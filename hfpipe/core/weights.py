@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from hfpipe.core.validate import ModelFileError, check_safetensors, read_config_json
+
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 MANIFEST = "hfpipe.json"
@@ -160,12 +162,18 @@ class SafetensorsSource(WeightSource):
         index = self.folder / SAFE_INDEX
         single = self.folder / SAFE_SINGLE
         if index.is_file():
-            self.weight_map = dict(json.loads(index.read_text())["weight_map"])
+            try:
+                self.weight_map = dict(json.loads(index.read_text())["weight_map"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                raise ModelFileError(f"{index} is not a safetensors index (JSON with a \"weight_map\"); the folder is "
+                                     "damaged: download or save the model again.") from None
+            for shard in sorted(set(self.weight_map.values())):
+                if not (self.folder / shard).is_file():
+                    raise ModelFileError(f"{self.folder / shard} is missing (listed in {SAFE_INDEX}); the folder is "
+                                         "incomplete: download or save the model again.")
+                check_safetensors(self.folder / shard)
         elif single.is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(single), framework="pt") as f:
-                self.weight_map = {k: SAFE_SINGLE for k in f.keys()}
+            self.weight_map = {k: SAFE_SINGLE for k in check_safetensors(single) if k != "__metadata__"}
         else:
             raise CheckpointError(
                 f"{self.folder} has neither {SAFE_SINGLE} nor {SAFE_INDEX}; expected an HF model folder saved with "
@@ -293,6 +301,7 @@ def resolve_pretrained(path_or_hub_id, model_class=None):
         return open_pipeline_checkpoint(folder, model_class=model_class)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} has no config.json; expected an HF model folder.")
+    read_config_json(folder / "config.json")  # one line for a malformed file, not a JSONDecodeError
     config = AutoConfig.from_pretrained(folder)
     if model_class is None:
         archs = getattr(config, "architectures", None) or [None]
@@ -461,7 +470,12 @@ class PipelineCheckpointSource(WeightSource):
             if not path.is_file():
                 raise CheckpointError(f"{path} is missing; the checkpoint is incomplete (every layer has its own "
                                       "file). Re-run the conversion or the save.")
-            state = self._files[file] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            try:
+                state = self._files[file] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except (RuntimeError, EOFError, ValueError) as exc:  # truncated or damaged: torch's zip reader fails
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0].rstrip(".")
+                raise CheckpointError(f"{path} cannot be read ({first}); the file is truncated or damaged. Re-run "
+                                      "the conversion or the save, or use an earlier checkpoint.") from None
         return state
 
     def get(self, name: str):
