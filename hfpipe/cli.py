@@ -271,7 +271,12 @@ def _export(p: argparse.ArgumentParser):
                      overwrite=args.overwrite, model=args.model, model_class=_model_class(args.model_class),
                      progress=not args.no_progress, merge_lora=args.merge_lora,
                      allow_nonfinite=args.allow_nonfinite)
-        print(f"wrote {out} (load it with AutoModelFor<Task>.from_pretrained({out!r}))")
+        from hfpipe.core.lora import is_adapter_folder
+
+        if is_adapter_folder(out):
+            print(f"wrote {out}, a PEFT adapter folder (load it with PeftModel.from_pretrained(base, {out!r}))")
+        else:
+            print(f"wrote {out} (load it with AutoModelFor<Task>.from_pretrained({out!r}))")
         return 0
 
     return run

@@ -248,3 +248,9 @@ def test_adapter_for_another_model_is_one_error_naming_both(run, tmp_path):
     with pytest.raises(LoraConfigError, match="but the model is"):
         merge_adapter(run["final"], str(other), tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+    from hfpipe.core.weights import CheckpointError
+
+    ckpt = os.path.join(os.path.dirname(run["final"]), "checkpoint-4")
+    with pytest.raises(CheckpointError, match=r"is a LoRA checkpoint: it holds the adapter only, not the frozen base "
+                                              r".*Fix: `hfpipe export"):
+        prepare(ckpt)  # to_pipeline(checkpoint-N) of a LoRA run: the base is not in it

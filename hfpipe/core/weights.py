@@ -446,6 +446,12 @@ class PipelineCheckpointSource(WeightSource):
     def bind(self, builder) -> "PipelineCheckpointSource":
         """Index the layer files by HF name for ``builder``'s model (and check the manifest describes it)."""
         a = builder.adapter
+        if self.manifest is not None and (self.manifest.get("lora") or {}).get("adapter_only"):
+            where = self.where or self.tag_dir
+            raise CheckpointError(f"{where} is a LoRA checkpoint: it holds the adapter only, not the frozen base "
+                                  f"({self.manifest['lora'].get('base_model')!r}). Fix: `hfpipe export {where} "
+                                  "--output ADAPTER` and to_pipeline(BASE, peft_adapter=ADAPTER), or resume the run "
+                                  "with --resume_from_checkpoint.")
         if self.manifest is not None:
             check_manifest(self.manifest, builder, builder.layers(), self.where or self.tag_dir)
         self.base_model_prefix = a.base_prefix
