@@ -113,6 +113,8 @@ def _plan(p: argparse.ArgumentParser):
                    help="plan LoRA training at rank R: the base holds weights only, the adapters train")
     p.add_argument("--lora-target-modules", default=None,
                    help="with --lora-r: comma-separated module names or 'all-linear' (default: PEFT's for the family)")
+    p.add_argument("--load-in-4bit", action="store_true",
+                   help="with --lora-r: QLoRA, the frozen linear weights in 4 bits (nf4, double quantisation)")
     p.add_argument("--schedule", default="1f1b", help="pipeline schedule: 1f1b | zb-h1 (efficiency and activation "
                    "memory per stage follow it)")
     p.add_argument("--compare", action="store_true", help="all partition methods side by side")
@@ -125,7 +127,8 @@ def _plan(p: argparse.ArgumentParser):
                       micro_batches=args.micro_batches, dp=args.dp, zero_stage=args.zero_stage, dtype=args.dtype,
                       activation_checkpointing=args.activation_checkpointing, attention_kernel=args.attention,
                       memory_cap_gib=args.max_memory_gib, loss_chunk_tokens=args.loss_chunk_tokens,
-                      lora_r=args.lora_r, lora_target_modules=args.lora_target_modules, schedule=args.schedule)
+                      lora_r=args.lora_r, lora_target_modules=args.lora_target_modules, schedule=args.schedule,
+                      load_in_4bit=args.load_in_4bit)
         if args.target_len is not None:
             kwargs["target_len"] = args.target_len
         if args.compare:

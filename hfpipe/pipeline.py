@@ -16,7 +16,7 @@ import torch
 from deepspeed.pipe import PipelineModule, TiedLayerSpec
 from torch import nn
 
-from hfpipe.core import lora
+from hfpipe.core import lora, quantize
 from hfpipe.core.builder import LayerInfo, PipelineBuilder, prepare, stage_parts
 from hfpipe.core.dsconfig import check_stages_divide, validate_pipeline_ds_config
 from hfpipe.core.heads import PipelineLoss
@@ -133,7 +133,8 @@ def to_pipeline(model, *, num_stages: int | None = None, topology=None, partitio
                 activation_checkpoint_interval: int = 0, model_class=None, dtype: torch.dtype | None = None,
                 seed: int | None = 1234, loss_fn=None, seq_len: int | None = None, micro_batch_size: int = 1,
                 layer_costs: Sequence[float] | None = None, loss_chunk_tokens: int | None = None,
-                peft_config=None, peft_adapter=None, **pipeline_kwargs) -> HFPipelineModule:
+                peft_config=None, peft_adapter=None, load_in_4bit: bool = False, quantization_config=None,
+                **pipeline_kwargs) -> HFPipelineModule:
     """Convert an HF model into a ``deepspeed.pipe.PipelineModule``.
 
     Args:
@@ -165,6 +166,10 @@ def to_pipeline(model, *, num_stages: int | None = None, topology=None, partitio
             config is the LoRA config (``peft_config``, if given too, must agree) and each rank reads only its own
             stage's adapter tensors from ``adapter_model.safetensors``. An adapter made for another base model (its
             ``base_model_name_or_path``, or tensor shapes) is one error naming both.
+        load_in_4bit: QLoRA (with ``peft_config``): each stage stores its own frozen linear weights in 4 bits as it
+            loads them (bitsandbytes nf4, double quantisation, bf16 compute; ``hfpipe.core.quantize``), the output
+            embedding and the modules PEFT trains in full kept as they are. ``quantization_config``: a
+            ``transformers.BitsAndBytesConfig(load_in_4bit=True, ...)`` (or its dict) instead of those defaults.
 
     ``torch.distributed`` is initialised through ``deepspeed.init_distributed()`` if it is not yet (gloo on CPU).
     """
@@ -172,7 +177,8 @@ def to_pipeline(model, *, num_stages: int | None = None, topology=None, partitio
         raise ValueError("to_pipeline needs num_stages= (or a DeepSpeed topology=).")
     if peft_adapter is not None:
         peft_config = lora.adapter_config(peft_adapter, peft_config)
-    builder = prepare(model, model_class, seed=seed, peft_config=peft_config)
+    builder = prepare(model, model_class, seed=seed, peft_config=peft_config,
+                      quantization_config=quantize.resolve_config(load_in_4bit, quantization_config))
     if peft_adapter is not None:
         lora.attach_adapter(builder, peft_adapter)
     builder.chunk_loss(loss_chunk_tokens)  # before the split: "balanced" costs the chunked head

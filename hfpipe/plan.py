@@ -18,6 +18,7 @@ from typing import Sequence
 
 from hfpipe.core import costs as costs_lib
 from hfpipe.core import lora as lora_lib
+from hfpipe.core import quantize as quantize_lib
 from hfpipe.core import partition as partition_lib
 from hfpipe.core.builder import compute_parts, prepare
 from hfpipe.core.layers import LayerKind
@@ -85,13 +86,15 @@ def plan(model, *, stages: int, partition="balanced", seq_len: int = 4096, micro
          micro_batches: int | None = None, dp: int = 1, zero_stage: int = 0, dtype: str = "bf16",
          activation_checkpointing: bool = False, memory_cap_gib: float | None = None,
          attention_kernel: str = "flash", model_class=None, loss_chunk_tokens: int | None = None,
-         lora_r: int | None = None, lora_target_modules=None, target_len: int | None = None,
+         lora_r: int | None = None, lora_target_modules=None, load_in_4bit: bool = False, target_len: int | None = None,
          schedule: str = "1f1b") -> dict:
     """The stage split of ``model`` (an HF model, a config + ``model_class``, or a config folder / config.json) and
     each stage's layers, parameters, FLOPs, share of work and memory. ``micro_batches`` defaults to ``4 x stages``;
     ``loss_chunk_tokens`` as in ``to_pipeline`` (the head keeps no logits and runs again in backward). ``lora_r``:
     plan LoRA training at that rank on ``lora_target_modules`` (names or ``"all-linear"``; ``None``: PEFT's default
-    for the family) -- the frozen base holds weights only, the adapters train. ``target_len``: encoder-decoders'
+    for the family) -- the frozen base holds weights only, the adapters train; ``load_in_4bit`` (with ``lora_r``):
+    the linear weights ``to_pipeline(load_in_4bit=True)`` quantises hold 4 bits each plus their statistics
+    (``hfpipe.core.quantize.bytes_per_param``: QLoRA's nf4 with double quantisation). ``target_len``: encoder-decoders'
     decoder tokens per example (``seq_len`` is then the source length; default: ``seq_len``)."""
     if isinstance(model, (str, os.PathLike)):
         model, model_class = load_config(str(model))
@@ -104,6 +107,8 @@ def plan(model, *, stages: int, partition="balanced", seq_len: int = 4096, micro
     sched = predict(schedule, stages, m, 1.0, 2.0)
     builder = prepare(model, model_class, device="meta")
     builder.lora = lora_lib.plan(builder.adapter.meta_model, _lora_config(lora_r, lora_target_modules, builder))
+    if load_in_4bit:
+        builder.quantization = quantize_lib.plan(builder.adapter.meta_model, quantize_lib.qlora_config(), builder.lora)
     builder.chunk_loss(loss_chunk_tokens)
     infos = builder.layers()
     workload = costs_lib.Workload(seq_len=seq_len, micro_batch_size=micro_batch_size, dtype=dtype,
@@ -141,6 +146,7 @@ def plan(model, *, stages: int, partition="balanced", seq_len: int = 4096, micro
                      "layers": describe_layers(infos, start, stop),
                      "params": sum(c.params for c in layer_costs[start:stop]),
                      "trainable_params": sum(c.trainable_params for c in layer_costs[start:stop]), "flops": sums[s],
+                     "quantized_params": sum(c.quantized for c in layer_costs[start:stop]),
                      "share": sums[s] / total if total else 0.0, "in_flight": held,
                      "memory_gib": {k: v / GIB for k, v in mem.items()}})
     imbalance = max(sums) / mean if mean else 1.0
@@ -152,7 +158,7 @@ def plan(model, *, stages: int, partition="balanced", seq_len: int = 4096, micro
         "seq_len": seq_len, "target_len": target_len, "micro_batch_size": micro_batch_size, "micro_batches": m, "dp": dp,
         "zero_stage": zero_stage, "dtype": dtype, "activation_checkpointing": activation_checkpointing,
         "attention_kernel": attention_kernel, "memory_cap_gib": memory_cap_gib, "loss_chunk_tokens": loss_chunk_tokens,
-        "lora_r": lora_r, "lora_target_modules": _targets(builder.lora),
+        "lora_r": lora_r, "lora_target_modules": _targets(builder.lora), "load_in_4bit": load_in_4bit,
         "total_flops": total, "imbalance": imbalance, "bubble_efficiency": bubble,
         "efficiency": bubble / imbalance, "stage_rows": rows, "schedule": sched["schedule"],
     }
@@ -218,7 +224,8 @@ def format_plan(report: dict) -> str:
         f" dp={r['dp']} zero={r['zero_stage']} dtype={r['dtype']} activation_checkpointing="
         f"{'on' if r['activation_checkpointing'] else 'off'} attention={r['attention_kernel']}"
         + (f" loss_chunk_tokens={r['loss_chunk_tokens']}" if r.get("loss_chunk_tokens") else "")
-        + (f" lora_r={r['lora_r']} on {','.join(r['lora_target_modules'])} (base frozen: weights only)" if lora else ""),
+        + (f" lora_r={r['lora_r']} on {','.join(r['lora_target_modules'])} (base frozen: weights only)" if lora else "")
+        + (", 4-bit base (nf4 + double quantisation)" if r.get("load_in_4bit") else ""),
         "",
         f"{'stage':>5}  {'layers':<30}{'params':>10}" + (f"{'trainable':>11}" if lora else "") + f"{'FLOPs/mb':>11}{'share':>8}{'in flight':>10}"
         f"{'mem GiB':>9}  (weights+grads+optim / activations)",

@@ -21,6 +21,7 @@ from torch import nn
 
 from hfpipe.core import lora as lora_lib
 from hfpipe.core import partition as partition_lib
+from hfpipe.core import quantize as quantize_lib
 from hfpipe.core.adapters import get_adapter
 from hfpipe.core.costs import default_seq_len, layer_costs as estimate_costs
 from hfpipe.core.heads import Head, TiedLMHead, head_for_class, task_shell
@@ -77,6 +78,8 @@ class PipelineBuilder:
         self.loss_chunk_tokens: int | None = None
         #: LoRA hook: PEFT's resolved plan (``hfpipe.core.lora.plan``) that every layer applies to itself, or None
         self.lora: lora_lib.LoraPlan | None = None
+        #: QLoRA hook: which linear weights each layer stores in 4 bits (``hfpipe.core.quantize.plan``), or None
+        self.quantization: quantize_lib.QuantPlan | None = None
 
     def chunk_loss(self, loss_chunk_tokens: int | None) -> None:
         """Set ``loss_chunk_tokens`` (causal LM only; see ``to_pipeline``), or leave full logits with ``None``."""
@@ -216,11 +219,13 @@ def resolve_model(model, model_class=None):
     raise TypeError(f"to_pipeline expects a PreTrainedModel, a PretrainedConfig or a path; got {type(model).__name__}.")
 
 
-def prepare(model, model_class=None, *, seed: int | None = 1234, device="cpu", source=None, peft_config=None):
+def prepare(model, model_class=None, *, seed: int | None = 1234, device="cpu", source=None, peft_config=None,
+            quantization_config=None):
     """The builder for ``model`` without touching torch.distributed (used by ``to_pipeline`` and ``plan``).
 
     LoRA hook: ``peft_config`` (a ``peft.LoraConfig``) or a ``PeftModel`` as ``model`` gives the builder PEFT's plan
-    (``hfpipe.core.lora``); a PeftModel's own weights, adapter included, are the source."""
+    (``hfpipe.core.lora``); a PeftModel's own weights, adapter included, are the source. QLoRA hook: a 4-bit
+    ``BitsAndBytesConfig`` as ``quantization_config`` gives it the 4-bit plan (``hfpipe.core.quantize``)."""
     model, peft_config, peft_source = lora_lib.split_peft_model(model, peft_config)
     config, model_class, found_source = resolve_model(model, model_class)
     meta = build_meta_model(config, model_class)
@@ -229,6 +234,7 @@ def prepare(model, model_class=None, *, seed: int | None = 1234, device="cpu", s
     source = next((s for s in (source, peft_source, found_source) if s is not None), None)
     builder = PipelineBuilder(adapter, head, source, seed=seed, device=device)
     builder.lora = lora_lib.plan(adapter.meta_model, peft_config)
+    builder.quantization = quantize_lib.plan(adapter.meta_model, quantization_config, builder.lora)
     if source is not None:
         source.bind(builder)
     return builder

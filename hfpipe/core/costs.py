@@ -31,6 +31,7 @@ import torch
 from deepspeed.pipe import TiedLayerSpec
 from torch import nn
 
+from hfpipe.core import quantize
 from hfpipe.core.batches import make_batch, micro_batches
 from hfpipe.core.dsconfig import check_zero_stage
 from hfpipe.core.heads import PipelineLoss, TiedLMHead, task_shell
@@ -58,6 +59,8 @@ class LayerCost:
     activation_bytes: float  # kept for backward per micro-batch (without activation checkpointing)
     checkpoint_bytes: float  # kept per micro-batch with activation checkpointing
     trainable: int | None = None  # of ``params``, those with gradients and optimizer states (None: all; LoRA: adapters)
+    quantized: int = 0  # of ``params``, those stored in 4 bits (QLoRA: hfpipe.core.quantize)
+    quantized_bytes: float = 0.0  # bytes per 4-bit parameter, quantisation statistics included
 
     @property
     def trainable_params(self) -> int:
@@ -171,7 +174,7 @@ def layer_costs(builder, workload: Workload | None = None, **workload_kwargs) ->
     w = workload or Workload(**workload_kwargs)
     a, config = builder.adapter, builder.adapter.config
     if a.encoder_decoder:
-        return _encdec_layer_costs(builder, w)
+        return _with_quantized(builder, _encdec_layer_costs(builder, w))
     hidden = int(config.hidden_size)
     heads, head_dim = _attention_dims(config)
     act_b = DTYPE_BYTES[w.dtype]
@@ -246,6 +249,17 @@ def layer_costs(builder, workload: Workload | None = None, **workload_kwargs) ->
         flops = fwd * (1.0 + bwd_factor + recompute)
         costs.append(LayerCost(index, info.name, layer.kind, layer.part, info.block, int(params), fwd, flops,
                                act_elems * act_b, ckpt_elems * act_b, trainable[index] if trainable else None))
+    return _with_quantized(builder, costs)
+
+
+def _with_quantized(builder, costs: list[LayerCost]) -> list[LayerCost]:
+    """``costs`` with each layer's 4-bit parameters under a meta-device builder's QLoRA plan
+    (``hfpipe.core.quantize.quantized_params``; ``hfpipe plan --load-in-4bit``); otherwise unchanged."""
+    if torch.device(builder.device).type != "meta" or getattr(builder, "quantization", None) is None:
+        return costs
+    per = quantize.bytes_per_param(builder.quantization.config)
+    for c, n in zip(costs, quantize.quantized_params(builder)):
+        c.quantized, c.quantized_bytes = n, per
     return costs
 
 
@@ -375,6 +389,7 @@ def stage_memory(costs: Sequence[LayerCost], start: int, stop: int, stage: int, 
     if activation_checkpointing:  # one block's full activations while it is recomputed
         transient += max((c.activation_bytes for c in layers if c.kind is LayerKind.BLOCK), default=0.0)
     out = {k: (params if k == "params" else trainable) * v for k, v in per.items()}
+    out["params"] -= sum(c.quantized * (per["params"] - c.quantized_bytes) for c in layers)  # 4-bit weights (QLoRA)
     out["activations"] = held * act + transient
     out["total"] = sum(out.values())
     return out

@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from hfpipe.core import lora
+from hfpipe.core import lora, quantize
 from hfpipe.core.meta import copy_without, materialize
 
 
@@ -107,7 +107,9 @@ class PipeLayer(LayerTraits, nn.Module):
         names = {k[len(local_prefix):]: v for k, v in _prefixed(meta_module, local_prefix, hf_prefix).items()}
         module = materialize(meta_module, self.builder.init_owner, self.builder.source, names,
                              seed=self.builder.layer_seed(self.index), device=self.builder.device)
-        return lora.wrap(module, self.builder, hf_prefix, self.index)  # LoRA hook: no-op without a LoRA plan
+        module = quantize.quantize(module, self.builder, hf_prefix)  # QLoRA hook: no-op without a 4-bit plan
+        module = lora.wrap(module, self.builder, hf_prefix, self.index)  # LoRA hook: no-op without a LoRA plan
+        return quantize.adapters_in_fp32(module, self.builder)  # QLoRA: PEFT's adapter dtype; no-op without 4 bits
 
     def hf_names(self) -> dict[str, str]:
         raise NotImplementedError
