@@ -1,0 +1,102 @@
+"""A NaN stops training with the step and the stage that produced it, or the step is skipped on request; NaN
+weights are refused before the first step. Two fp32 stages of a tiny Llama on the shared rank pool."""
+
+import pytest
+import torch
+import transformers
+
+from models import family_config
+
+
+def _engine(skip: bool, seed: int = 0):
+    from hfpipe import initialize, to_pipeline
+
+    torch.manual_seed(seed)
+    config = family_config("llama")
+    pipe = to_pipeline(transformers.AutoModelForCausalLM.from_config(config), num_stages=2)
+    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "train_batch_size": 4,
+          "steps_per_print": 10**9, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
+    engine, *_ = initialize(pipe, ds)
+    return config, pipe, engine
+
+
+def _data(config, pipe):
+    from hfpipe import micro_batches
+    from hfpipe.core.batches import make_batch
+
+    torch.manual_seed(5)
+    return micro_batches(make_batch(config, "causal-lm", batch_size=4, seq_len=8), pipe, 2)
+
+
+def rank_nan_at_step(poison_step: int, skip: bool):
+    """Stage 1's forward returns NaN during ``poison_step`` (its weights stay finite)."""
+    import torch.distributed as dist
+
+    from hfpipe.training.numerics import NonFiniteGuard, NonFiniteLossError
+
+    config, pipe, engine = _engine(skip)
+    step = {"now": 0}
+
+    def poison(module, inputs, output):
+        if step["now"] == poison_step and engine.stage_id == 1:
+            return output * float("nan")
+        return None
+
+    engine.module.register_forward_hook(poison)  # first: it stands for the stage's own forward
+    guard = NonFiniteGuard(engine, skip=skip)
+    out = {"losses": [], "skipped": [], "error": None}
+    for s in range(1, 4):
+        step["now"] = s
+        before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+        try:
+            loss = engine.train_batch(iter(_data(config, pipe)))
+            out["skipped"].append(guard.after_step(loss, s, describe_stage=lambda st: f"layers of stage {st}"))
+        except NonFiniteLossError as exc:
+            out["error"] = str(exc)
+            break
+        out["losses"].append(float(loss))
+        if out["skipped"][-1]:
+            out["unchanged"] = all(torch.equal(before[n], p) for n, p in engine.module.named_parameters())
+    out["skipped_steps"] = guard.skipped_steps
+    dist.barrier()
+    return out
+
+
+def rank_nan_weight():
+    from hfpipe.core.validate import NonFiniteError
+    from hfpipe.training.numerics import check_initial_weights
+
+    _, pipe, engine = _engine(False)
+    if engine.stage_id == 1:
+        with torch.no_grad():
+            next(p for p in engine.module.parameters() if p.dim() == 2)[0, 0] = float("inf")
+    try:
+        check_initial_weights(engine)
+    except NonFiniteError as exc:
+        return str(exc)
+    return None
+
+
+def test_nan_loss_stops_naming_step_and_stage(dist_pool):
+    results = dist_pool(2).run(rank_nan_at_step, 2, False)
+    for r in results:
+        assert r["error"] is not None and r["error"].startswith("step 2: the training loss is nan; stage 1 "
+                                                               "(layers of stage 1) was the first")
+        assert len(r["losses"]) == 1 and r["losses"][0] == pytest.approx(results[0]["losses"][0])
+
+
+def test_skip_nonfinite_steps_skips_the_update(dist_pool):
+    skipped = dist_pool(2).run(rank_nan_at_step, 2, True)
+    clean = dist_pool(2).run(rank_nan_at_step, 99, True)
+    for r, c in zip(skipped, clean):
+        assert r["error"] is None and r["skipped"] == [False, True, False] and r["skipped_steps"] == 1
+        assert r["unchanged"]  # the poisoned step moved no weight
+        # step 3 after a skipped step 2 trains from step 1's weights: its loss equals the clean run's step 2
+        assert r["losses"][2] == pytest.approx(c["losses"][1], rel=1e-6)
+
+
+def test_nan_weights_refused_before_training(dist_pool):
+    messages = dist_pool(2).run(rank_nan_weight)
+    for m in messages:
+        assert m is not None and m.startswith("the weights of stage 1 hold NaN/Inf before training")
+    assert "; here: " in messages[1] and "; here: " not in messages[0]
