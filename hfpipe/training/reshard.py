@@ -110,12 +110,12 @@ def save_layer_states(engine, path: str) -> None:
         layers[idx][name] = entry
     if engine.grid.data_parallel_id != 0:
         return
-    from hfpipe.training.checkpointing import torch_save_atomic
-
     os.makedirs(os.path.join(path, FOLDER), exist_ok=True)
     step = _step(opt)
     for idx, params in layers.items():
-        torch_save_atomic({"step": step, "params": params}, layer_file(path, idx))
+        tmp = f"{layer_file(path, idx)}.tmp-{os.getpid()}"  # the name checkpointing.clean_output_dir removes
+        torch.save({"step": step, "params": params}, tmp)
+        os.replace(tmp, layer_file(path, idx))
 
 
 def has_layer_states(path: str) -> bool:
