@@ -53,8 +53,11 @@ def rank_train_and_resume(base: str, out: str):
     first, losses = run(os.path.join(out, "run"), merge_lora=True)
     resumed, resumed_losses = run(os.path.join(out, "resumed"),
                                   resume_from_checkpoint=os.path.join(out, "run", "checkpoint-2"))
+    # --peft_adapter: one step at learning rate 0 from the first run's adapter leaves exactly that adapter
+    continued, _ = run(os.path.join(out, "continued"), peft_adapter=first["final_model"], lora_r=0,
+                       lora_target_modules=None, learning_rate=0.0, max_steps=1, save_strategy="no")
     return {"final": first["final_model"], "losses": losses, "resumed_losses": resumed_losses,
-            "resumed_final": resumed["final_model"]}
+            "resumed_final": resumed["final_model"], "continued_final": continued["final_model"]}
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +221,15 @@ def test_peft_adapter_in_is_read_stage_locally_with_peft_loss(run, dist_pool):
 
 
 def test_trainer_peft_adapter_flag_reads_the_adapter_config(run, tmp_path):
+    """--peft_adapter: the adapter's config is the LoRA config, and the trainer starts from its tensors (one step at
+    learning rate 0 writes the same adapter back); a --lora_* flag that disagrees is one error."""
+    from safetensors.torch import load_file
+
     from hfpipe.core.lora import LoraConfigError
+
+    ours, theirs = (load_file(os.path.join(f, "adapter_model.safetensors")) for f in (run["continued_final"],
+                                                                                      run["final"]))
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
     cfg = _args(str(tmp_path), lora_r=0, lora_target_modules=None, peft_adapter=run["final"]).lora_config()
     assert (cfg.r, cfg.target_modules, cfg.inference_mode) == (4, {"q_proj", "v_proj"}, False)
