@@ -276,12 +276,26 @@ def compare(ref: dict, per_rank: list[dict], dtype: str = "fp32") -> dict:
             "parts": per_rank[0]["parts"], "worst": sorted(rows, key=lambda r: -r["rel_err"])[:5]}
 
 
+def check_run_shape(stages: int, dp: int, micro_batches: int, batch_size: int) -> None:
+    """Counts >= 1 and a batch that splits into ``micro_batches x dp`` equal micro-batches, checked before any
+    model is built (DeepSpeed would assert on it only after the reference ran and the pool started)."""
+    for flag, value in (("--stages", stages), ("--dp", dp), ("--micro-batches", micro_batches),
+                        ("--batch-size", batch_size)):
+        if int(value) < 1:
+            raise ValueError(f"{flag} {value}: expected a positive number; set {flag} 1 or more.")
+    if batch_size % (micro_batches * dp):
+        good = micro_batches * dp * max(1, round(batch_size / (micro_batches * dp)))
+        raise ValueError(f"--batch-size {batch_size} does not split into --micro-batches {micro_batches} x --dp {dp} "
+                         f"equal micro-batches; use a multiple of {micro_batches * dp} (e.g. --batch-size {good}).")
+
+
 def verify(spec: ModelSpec, *, stages: int, micro_batches: int = 4, batch_size: int = 8, seq_len: int = 16,
            dp: int = 1, partition="parameters", activation_checkpoint_interval: int = 0, batch: dict | None = None,
            padding: str = "right", pool=None, lora=None, schedule: str | None = None) -> dict:
     """Run the comparison; ``pool`` (a :class:`hfpipe.launch.DistributedPool` of ``stages*dp`` ranks) is created
     and closed here when not given. ``lora``: a ``peft.LoraConfig`` (its ``task_type`` defaults to the head's, so
     that PEFT trains a classification head in full)."""
+    check_run_shape(stages, dp, micro_batches, batch_size if batch is None else batch["input_ids"].shape[0])
     head = head_for_class(spec.model_class())
     if batch is None:
         batch = make_batch(spec.hf_config(), head, batch_size, seq_len, padding=padding)

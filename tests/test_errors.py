@@ -336,6 +336,20 @@ def _(tmp):
     return raised(export, tmp / "ckpt", tmp / "hf", model=wide, model_class=AutoModelForCausalLM, progress=False)
 
 
+@case("verify-batch-split", "`hfpipe verify --batch-size 6 --micro-batches 4`")
+def _(tmp):
+    from hfpipe.verify import check_run_shape
+
+    return raised(check_run_shape, 2, 1, 4, 6)
+
+
+@case("verify-dp-zero", "`hfpipe verify --dp 0`")
+def _(tmp):
+    from hfpipe.verify import check_run_shape
+
+    return raised(check_run_shape, 2, 0, 4, 8)
+
+
 def _saved(tmp: Path, **kw) -> Path:
     """A tiny Llama saved with save_pretrained (one model.safetensors)."""
     import torch
