@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer, EvalPrediction
 
 from hfpipe.tasks import default_model_path
-from hfpipe.tasks.base import DATA_DIR, GenerativeTask, Task, apply_defaults, flag_value
+from hfpipe.tasks.base import DATA_DIR, GenerativeTask, Task, flag_value
 from hfpipe.tasks.causal_lm import CausalLMDataArguments, CausalLMTask
 from hfpipe.tasks.classification import ClassificationDataArguments, SequenceClassificationTask, find_columns
 from hfpipe.tasks.ner import NERDataArguments, TokenClassificationTask, align_labels, b_to_i_map, ner_metrics
@@ -117,10 +117,14 @@ def test_postprocess_v2_null_answer_against_threshold(tok):
     assert postprocess_qa_predictions(examples, feats, (start, end)) == {"x": "nine ten"}
 
 
-def test_qa_task_metrics_on_default_data(tok):
+def test_qa_task_metrics_on_default_data(tok, tmp_path):
     """Logits that point at the gold token span of every eval feature give EM = F1 = 100 after post-processing;
-    logits pointing at [CLS] give an empty span: 0 on v1."""
+    logits pointing at [CLS] give an empty span: 0 on v1. The answers and n-best lists are written as run_qa.py
+    writes them (eval_predictions.json, eval_nbest_predictions.json)."""
+    import json
+
     task = QuestionAnsweringTask(QADataArguments(max_eval_samples=20, max_train_samples=4))
+    task.output_dir = str(tmp_path)
     raw = task.load_raw()
     _, evald = task.prepare(tok, raw, 64)
     gold = prepare_train_features(raw["validation"][:], tok, 64, 16)
@@ -129,6 +133,15 @@ def test_qa_task_metrics_on_default_data(tok):
     end[np.arange(len(evald)), gold["end_positions"]] = 10.0
     metrics = task.compute_metrics(evald)(EvalPrediction(predictions=(start, end), label_ids=None))
     assert metrics == pytest.approx({"exact_match": 100.0, "f1": 100.0})
+    answers = json.loads((tmp_path / "eval_predictions.json").read_text())
+    nbest = json.loads((tmp_path / "eval_nbest_predictions.json").read_text())
+    gold_text = {ex["id"]: ex["answers"]["text"][0] for ex in raw["validation"]}
+    assert answers == gold_text and set(nbest) == set(gold_text)
+    for eid, cands in nbest.items():
+        assert cands[0]["text"] == answers[eid] and cands[0]["score"] == pytest.approx(20.0)
+        assert sum(c["probability"] for c in cands) == pytest.approx(1.0)
+        assert [c["score"] for c in cands] == sorted((c["score"] for c in cands), reverse=True)
+    assert task.predictions_to_json((start, end), evald) == gold_text  # --do_predict's file
     cls = np.zeros((len(evald), 64))
     cls[:, 0] = 10.0
     assert task.compute_metrics(evald)(EvalPrediction(predictions=(cls, cls), label_ids=None))["f1"] == 0.0
@@ -231,10 +244,22 @@ def test_flag_value_reads_the_raw_command_line():
     assert flag_value("task", "summarization", ["--tasks", "x"]) == "summarization"
 
 
-def test_recipe_defaults_never_override_named_flags():
-    class A:
-        output_dir, max_seq_length = "out", 384
+def test_recipe_defaults_go_through_the_parser(capsys):
+    """Named flags win; the embedded data's defaults apply only without data flags; --help shows what a run uses."""
+    from hfpipe.tasks.base import recipe_arguments
+    from hfpipe.tasks.classification import ClassificationDataArguments
 
-    a = A()
-    apply_defaults([a], ["--max_seq_length", "99"], {"output_dir": "out/x", "max_seq_length": 64})
-    assert (a.output_dir, a.max_seq_length) == ("out/x", 384)
+    def parse(*argv):
+        return recipe_arguments(ClassificationDataArguments, "x", {"max_seq_length": 128}, {"max_seq_length": 32},
+                                list(argv))[2]
+
+    a = parse("--max_seq_length", "99")
+    assert (a.output_dir, a.max_seq_length) == ("out/x", 99) and "max_seq_length" in a._explicit_fields
+    a = parse()
+    assert a.max_seq_length == 32 and "max_seq_length" not in a._explicit_fields  # a default, not explicit
+    assert parse("--train_file", "t.csv").max_seq_length == 128
+    with pytest.raises(SystemExit):
+        parse("--help")
+    help_text = " ".join(capsys.readouterr().out.split())
+    entry = help_text.split("--max-seq-length MAX_SEQ_LENGTH ", 1)[1].split(" --", 1)[0]
+    assert entry.startswith("Every batch is padded to this length") and entry.endswith("(default: 32)")

@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
+import numpy as np
+
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(PACKAGE_DIR, "data")
 METRICS_DIR = os.path.join(PACKAGE_DIR, "metrics")
@@ -94,6 +96,12 @@ class TaskDataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N evaluation examples."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+    validation_split_percentage: float = field(default=5, metadata={"help": "Percent of the training data held out "
+                                               "for evaluation when the data has no validation split."})
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Keep only the first N test examples "
+                                            "(--do_predict)."})
+    test_file: str | None = field(default=None, metadata={"help": "Data to predict (--do_predict): json, jsonl or "
+                                                                  "csv; default: the test split, else validation."})
 
 
 #: file extension of --train_file/--validation_file -> ``datasets`` builder
@@ -114,7 +122,12 @@ def load_raw_splits(args: TaskDataArguments, default_name: str, field_name: str 
     if args.dataset_name:
         raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
     elif args.train_file or args.validation_file:
-        files = {k: v for k, v in (("train", args.train_file), ("validation", args.validation_file)) if v}
+        files = {k: v for k, v in (("train", args.train_file), ("validation", args.validation_file),
+                                   ("test", getattr(args, "test_file", None))) if v}
+        for split, path in files.items():
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"--{split}_file {path}: no such "
+                                        "file; pass a json, jsonl or csv file.")
         known = {**FILE_BUILDERS, **(builders or {})}
         exts = {os.path.splitext(p)[1].lstrip(".").lower() for p in files.values()}
         if len(exts) != 1 or not exts <= set(known):
@@ -130,12 +143,18 @@ def load_raw_splits(args: TaskDataArguments, default_name: str, field_name: str 
             raise FileNotFoundError(f"embedded default data {missing} is missing; regenerate it with "
                                     "`python hfpipe/data/generate.py`.")
         raw = datasets.load_dataset("json", data_files=files)
-    if "validation" not in raw and held_out_percentage is not None and "train" in raw:
-        held = raw["train"].train_test_split(test_size=held_out_percentage / 100, seed=42)
-        raw["train"], raw["validation"] = held["train"], held["test"]
-    elif "validation" not in raw and "test" in raw:
+    percentage = held_out_percentage if held_out_percentage is not None else \
+        getattr(args, "validation_split_percentage", None)
+    if "validation" not in raw and "test" in raw and held_out_percentage is None:
         raw["validation"] = raw["test"]
-    for split, cap in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
+    elif "validation" not in raw and "train" in raw and percentage:  # as HF's run_clm: hold out a slice of train
+        if len(raw["train"]) < 2:
+            raise ValueError(f"the training data has {len(raw['train'])} example(s), too few to hold out "
+                             f"--validation_split_percentage {percentage}; pass --validation_file.")
+        held = raw["train"].train_test_split(test_size=max(percentage / 100, 1 / len(raw["train"])), seed=42)
+        raw["train"], raw["validation"] = held["train"], held["test"]
+    for split, cap in (("train", args.max_train_samples), ("validation", args.max_eval_samples),
+                       ("test", getattr(args, "max_predict_samples", None))):
         if cap is not None and split in raw:
             raw[split] = raw[split].select(range(min(cap, len(raw[split]))))
     return raw
@@ -143,21 +162,6 @@ def load_raw_splits(args: TaskDataArguments, default_name: str, field_name: str 
 
 def uses_embedded_default(data_args) -> bool:
     return not (data_args.dataset_name or data_args.train_file or data_args.validation_file)
-
-
-def apply_defaults(objs: Sequence, argv: Sequence[str], defaults: dict) -> None:
-    """Set ``defaults`` on the argument dataclasses ``objs`` for every field the command line ``argv`` does not name
-    (the user's flags win; fields set here do not count as explicit in the DeepSpeed-config precedence)."""
-    named = {a.split("=")[0].lstrip("-") for a in argv if a.startswith("--")}
-    for key, value in defaults.items():
-        if key in named:
-            continue
-        for obj in objs:
-            if hasattr(obj, key):
-                setattr(obj, key, value)
-                break
-        else:
-            raise AttributeError(f"recipe default {key}={value!r} matches no argument field.")
 
 
 @dataclass
@@ -190,12 +194,34 @@ def build_model(task: Task, raw, model_args: ModelArguments, seed: int):
     return model, tokenizer
 
 
-def flag_value(flag: str, default: str, argv: Sequence[str] | None = None) -> str:
-    """The value of ``--<flag> v`` or ``--<flag>=v`` on the command line before it is parsed (for a recipe whose
-    defaults depend on it), else ``default``."""
+def _argv(argv: Sequence[str] | None) -> list[str]:
     import sys
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    return list(sys.argv[1:] if argv is None else argv)
+
+
+def _given(data_args_class, argv: list[str]) -> dict:
+    """The data flags of ``argv`` (or of its args file), before the full parse: which defaults apply depends on
+    them (the embedded data's, the text task's)."""
+    from hfpipe.training.arguments import parser
+
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")) and os.path.isfile(argv[0]):
+        with open(argv[0]) as f:
+            if argv[0].endswith(".json"):
+                return json.load(f) or {}
+            import yaml
+
+            return yaml.safe_load(f) or {}
+    ns, _ = parser([ModelArguments, data_args_class], add_help=False, allow_abbrev=False).parse_known_args(argv)
+    return {k: v for k, v in vars(ns).items() if v is not None}
+
+
+def flag_value(flag: str, default: str, argv: Sequence[str] | None = None) -> str:
+    """The value of ``--<flag>`` on the command line (or in the args file) before it is parsed (for a recipe whose
+    defaults depend on it), else ``default``."""
+    argv = _argv(argv)
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        return str(_given(TaskDataArguments, argv).get(flag, default))
     for i, a in enumerate(argv):
         if a == f"--{flag}" and i + 1 < len(argv):
             return argv[i + 1]
@@ -207,56 +233,99 @@ def flag_value(flag: str, default: str, argv: Sequence[str] | None = None) -> st
 def recipe_arguments(data_args_class, name: str, defaults: dict, embedded_defaults: dict,
                      argv: Sequence[str] | None = None):
     """Parse ``(ModelArguments, <Task>DataArguments, PipelineTrainingArguments)`` from ``argv`` (default: the command
-    line minus the launcher's ``--local_rank``), then fill what the user did not name: ``output_dir=out/<name>`` and
-    ``defaults`` always, ``embedded_defaults`` too when the run uses the embedded data."""
-    import sys
-
+    line; or one args ``.json``/``.yaml`` file) with the recipe's defaults set on the parser (``set_defaults``, so
+    ``--help`` shows what a run uses): ``output_dir=out/<name>`` and ``defaults`` always, ``embedded_defaults`` too
+    when the run uses the embedded data (no --dataset_name/--train_file/--validation_file)."""
     from hfpipe.training.arguments import PipelineTrainingArguments, parse_args
 
-    argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
-    model_args, data_args, args = parse_args((ModelArguments, data_args_class, PipelineTrainingArguments), argv)
-    apply_defaults((data_args, args), argv, {"output_dir": os.path.join("out", name), **defaults})
-    if uses_embedded_default(data_args):
-        apply_defaults((data_args, args), argv, embedded_defaults)
-    return model_args, data_args, args
-
-
-def save_metrics(metrics: dict, output_dir: str, name: str = "eval_results.json") -> None:
-    """Print ``metrics`` and write ``output_dir/<name>`` (on global rank 0)."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, name), "w") as f:
-        json.dump(metrics, f, indent=2)
-    print(json.dumps(metrics, indent=2), flush=True)
+    argv = _argv(argv)
+    given = _given(data_args_class, argv)
+    merged = {"output_dir": os.path.join("out", name), **defaults}
+    if not any(given.get(k) for k in ("dataset_name", "train_file", "validation_file")):
+        merged.update(embedded_defaults)
+    return parse_args((ModelArguments, data_args_class, PipelineTrainingArguments), argv, defaults=merged)
 
 
 def run_recipe(task_class: Callable[..., Task], data_args_class, name: str, defaults: dict | None = None,
                embedded_defaults: dict | None = None, *, build: Callable | None = None,
                argv: Sequence[str] | None = None) -> dict:
-    """A whole fine-tuning recipe: parse the command line (:func:`recipe_arguments` with ``defaults`` and, on the
-    embedded data, ``embedded_defaults``), build ``task_class(data_args)``, load the data, build ``(model,
-    tokenizer)`` with ``build(task, raw, model_args, seed)`` (default :func:`build_model`: a pretrained encoder),
-    encode, train through a DeepSpeed pipeline (generating in evaluation for a :class:`GenerativeTask`), evaluate,
-    and save and print the metrics (``output_dir/eval_results.json``), which it returns. Run it on every rank."""
+    """A whole fine-tuning recipe, the flow of HF's example scripts: parse the command line
+    (:func:`recipe_arguments`), check everything that can be checked before the model loads (flags, the merged
+    DeepSpeed config, stages vs processes, data files and splits, columns: ``hfpipe.training.failfast``, one line
+    from rank 0, exit status 2), build ``(model, tokenizer)`` with ``build(task, raw, model_args, seed)`` (default
+    :func:`build_model`: a pretrained encoder), encode, then ``--do_train`` (resuming from the last checkpoint in
+    output_dir unless ``--overwrite_output_dir``), ``--do_eval``, ``--do_predict`` (none of the three: train and
+    evaluate), writing ``train_results.json``/``eval_results.json``/``all_results.json`` as HF's scripts do.
+    Returns the eval metrics. Run it on every rank."""
+    from hfpipe.training import failfast
+
+    with failfast.before_model_load():
+        model_args, data_args, args = recipe_arguments(data_args_class, name, defaults or {},
+                                                       embedded_defaults or {}, argv)
+        if not (args.do_train or args.do_eval or args.do_predict):
+            args.do_train = args.do_eval = True  # a recipe run with no --do_* flag trains and evaluates
+        failfast.check_config(args)
+        task = task_class(data_args)
+        raw = task.load_raw()
+        failfast.check_splits(raw, args)
+        task.model_kwargs(raw)  # columns and labels: an error here is the data's, before any model loads
+    return _run(task, raw, model_args, data_args, args, build or build_model)
+
+
+def _run(task, raw, model_args, data_args, args, build) -> dict:
+    from hfpipe.training import checkpointing
     from hfpipe.training.trainer import PipelineTrainer
 
-    model_args, data_args, args = recipe_arguments(data_args_class, name, defaults or {}, embedded_defaults or {},
-                                                   argv)
-    task = task_class(data_args)
-    raw = task.load_raw()
-    model, tokenizer = (build or build_model)(task, raw, model_args, args.seed)
+    model, tokenizer = build(task, raw, model_args, args.seed)
     train_ds, eval_ds = task.prepare(tokenizer, raw, args.max_seq_length)
     generation_fn = task.generation_fn(tokenizer, args.generation_max_length) \
         if isinstance(task, GenerativeTask) else None
-    trainer = PipelineTrainer(model, args, train_dataset=train_ds, eval_dataset=eval_ds,
-                              compute_metrics=task.compute_metrics(eval_ds), processing_class=tokenizer,
-                              model_class=task.auto_class, generation_fn=generation_fn)
-    trainer.train()  # exports output_dir/final unless --export_final_model false
-    metrics = trainer.evaluate()
-    save_metrics(metrics, args.output_dir)
+    task.output_dir = args.output_dir  # where a task writes its prediction files (QA)
+    trainer = PipelineTrainer(model, args, train_dataset=train_ds if args.do_train else None,
+                              eval_dataset=eval_ds, compute_metrics=task.compute_metrics(eval_ds),
+                              processing_class=tokenizer, model_class=task.auto_class, generation_fn=generation_fn)
+    metrics: dict = {}
+    if args.do_train:
+        resume = args.resume_from_checkpoint
+        if resume is None and not args.overwrite_output_dir and os.path.isdir(args.output_dir):
+            resume = checkpointing.last_checkpoint(args.output_dir)  # HF's scripts resume too
+        result = trainer.train(resume_from_checkpoint=resume)  # exports output_dir/final
+        train_metrics = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+        train_metrics["train_samples"] = len(train_ds)
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
+        trainer.save_state()
+    if args.do_eval:
+        metrics = dict(trainer.final_metrics())
+        metrics["eval_samples"] = len(eval_ds)
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    if args.do_predict:
+        _predict(trainer, task, tokenizer, raw, args, eval_ds)
     _end_processes()
     return metrics
+
+
+def _predict(trainer, task, tokenizer, raw, args, eval_ds) -> None:
+    """``--do_predict``: predictions for the test split (else the validation split) in
+    ``output_dir/predict_predictions.json`` (the task's ``predictions_to_json``), with ``predict_results.json``
+    when the split has labels, as HF's scripts write them."""
+    split = "test" if "test" in raw else "validation"
+    if split == "test":
+        seed = raw["train"].select(range(1)) if "train" in raw and len(raw["train"]) else raw[split].select(range(1))
+        _, ds = task.prepare(tokenizer, {"train": seed, "validation": raw[split]}, args.max_seq_length)
+    else:
+        ds = eval_ds
+    out = trainer.predict(ds, metric_key_prefix="predict")
+    if trainer.rank == 0:
+        to_json = getattr(task, "predictions_to_json", None)
+        preds = to_json(out.predictions, ds) if to_json is not None else np.asarray(out.predictions).tolist()
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "predict_predictions.json"), "w") as f:
+            json.dump(preds, f, indent=2)
+    if out.metrics:
+        trainer.log_metrics("predict", out.metrics)
+        trainer.save_metrics("predict", out.metrics)
 
 
 def _end_processes() -> None:

@@ -127,6 +127,13 @@ class SequenceClassificationTask:
         return self.encode(tokenizer, raw["train"], max_seq_length), \
             self.encode(tokenizer, raw["validation"], max_seq_length)
 
+    def predictions_to_json(self, predictions, dataset) -> list:
+        """``--do_predict``'s file: one label name (a float for regression) per example."""
+        logits = predictions[0] if isinstance(predictions, tuple) else predictions
+        if self.is_regression:
+            return [float(v) for v in np.asarray(logits).reshape(-1)]
+        return [str(self.label_list[i]) for i in np.argmax(logits, axis=-1)]
+
     def compute_metrics(self, eval_ds=None) -> Callable:
         return classification_metrics(self.is_regression, None if self.label_list is None else len(self.label_list))
 

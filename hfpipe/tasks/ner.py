@@ -124,6 +124,15 @@ class TokenClassificationTask:
         return self.encode(tokenizer, raw["train"], max_seq_length), \
             self.encode(tokenizer, raw["validation"], max_seq_length)
 
+    def predictions_to_json(self, predictions, dataset) -> list:
+        """``--do_predict``'s file: the tag of each labelled (first sub-token) position of each example."""
+        logits = predictions[0] if isinstance(predictions, tuple) else predictions
+        ids = np.argmax(logits, axis=-1)
+        cols = getattr(dataset, "column_names", [])
+        keep = dataset["labels"] if "labels" in cols else dataset["attention_mask"]
+        return [[self.label_list[p] for p, k in zip(row, mask) if (k != -100 if "labels" in cols else k)]
+                for row, mask in zip(ids.tolist(), keep)]
+
     def compute_metrics(self, eval_ds=None) -> Callable:
         return ner_metrics(self.label_list, self.args.return_entity_level_metrics)
 

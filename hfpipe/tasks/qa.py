@@ -15,6 +15,8 @@ follow the official scoring scripts.
 from __future__ import annotations
 
 import collections
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -118,12 +120,14 @@ def prepare_eval_features(examples: dict, tokenizer, max_seq_length: int, doc_st
 def postprocess_qa_predictions(examples, features, predictions, version_2_with_negative: bool = False,
                                n_best_size: int = 20, max_answer_length: int = 30,
                                null_score_diff_threshold: float = 0.0, context_column: str = "context",
-                               return_scores: bool = False):
+                               return_scores: bool = False, nbest: dict | None = None):
     """Map per-feature ``(start_logits, end_logits)`` to one answer text per example id.
 
     ``examples``: rows with ``id`` and the context; ``features``: rows with ``example_id`` and ``offset_mapping``
     (``None`` outside the context), in the order of ``predictions``. Returns ``{id: text}`` (``""`` = no answer,
-    v2 only), and with ``return_scores`` also ``{id: null score - best span score}`` (v2's no-answer evidence)."""
+    v2 only), and with ``return_scores`` also ``{id: null score - best span score}`` (v2's no-answer evidence).
+    ``nbest`` (a dict) receives ``{id: [{"text", "score", "start_logit", "end_logit", "probability"}, ...]}``, the
+    n-best list ``run_qa.py`` writes to ``eval_nbest_predictions.json``."""
     start_all, end_all = predictions
     if len(start_all) != len(features):
         raise ValueError(f"got {len(start_all)} predictions for {len(features)} features; predictions must be one "
@@ -154,10 +158,16 @@ def postprocess_qa_predictions(examples, features, predictions, version_2_with_n
                         continue
                     if e < s or e - s + 1 > max_answer_length:
                         continue
-                    candidates.append((float(start_logits[s] + end_logits[e]), offsets[s][0], offsets[e][1]))
+                    candidates.append((float(start_logits[s] + end_logits[e]), offsets[s][0], offsets[e][1],
+                                       float(start_logits[s]), float(end_logits[e])))
         candidates.sort(key=lambda c: c[0], reverse=True)
         candidates = candidates[:n_best_size]
         best = candidates[0] if candidates else None
+        if nbest is not None:
+            scores = np.array([c[0] for c in candidates]) if candidates else np.zeros(0)
+            probs = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum() if candidates else scores
+            nbest[example["id"]] = [{"text": context[c[1]:c[2]], "score": c[0], "start_logit": c[3],
+                                     "end_logit": c[4], "probability": float(pr)} for c, pr in zip(candidates, probs)]
         if not version_2_with_negative:
             answers[example["id"]] = context[best[1]:best[2]] if best is not None else ""
             continue
@@ -210,10 +220,19 @@ class QuestionAnsweringTask:
         """Closure over the eval features and examples: n-best post-processing, then EM/F1 (squad or squad_v2)."""
         if self.eval_examples is None:
             raise ValueError("call prepare() before compute_metrics(): post-processing needs the eval examples.")
-        return qa_metrics(self.eval_examples, eval_ds, self.args)
+        return qa_metrics(self.eval_examples, eval_ds, self.args, getattr(self, "output_dir", None))
+
+    def predictions_to_json(self, predictions, dataset) -> dict:
+        """``--do_predict``'s file: ``{id: answer text}`` of the predicted split (``prepare`` kept its examples)."""
+        a = self.args
+        return postprocess_qa_predictions(self.eval_examples, dataset, predictions, a.version_2_with_negative,
+                                          a.n_best_size, a.max_answer_length, a.null_score_diff_threshold,
+                                          a.context_column)
 
 
-def qa_metrics(examples, features, args: QADataArguments) -> Callable:
+def qa_metrics(examples, features, args: QADataArguments, output_dir: str | None = None) -> Callable:
+    """EM/F1 of the eval predictions; with ``output_dir``, also ``eval_predictions.json`` (``{id: text}``) and
+    ``eval_nbest_predictions.json`` there, as ``run_qa.py`` writes them."""
     v2 = args.version_2_with_negative
     metric = load_metric("squad_v2" if v2 else "squad")
     answer_column = args.answer_column
@@ -228,10 +247,18 @@ def qa_metrics(examples, features, args: QADataArguments) -> Callable:
         preds = pred.predictions
         if not isinstance(preds, (tuple, list)) or len(preds) != 2:
             raise ValueError("QA predictions must be (start_logits, end_logits).")
+        nbest: dict = {}
         answers, diffs = postprocess_qa_predictions(
             examples, features, preds, version_2_with_negative=v2, n_best_size=args.n_best_size,
             max_answer_length=args.max_answer_length, null_score_diff_threshold=args.null_score_diff_threshold,
-            context_column=args.context_column, return_scores=True)
+            context_column=args.context_column, return_scores=True, nbest=nbest)
+        if output_dir:  # the one rank that computes metrics writes them (json is rewritten, never half-written)
+            os.makedirs(output_dir, exist_ok=True)
+            for name, obj in (("eval_predictions.json", answers), ("eval_nbest_predictions.json", nbest)):
+                tmp = os.path.join(output_dir, f".{name}.tmp")
+                with open(tmp, "w") as f:
+                    json.dump(obj, f, indent=2)
+                os.replace(tmp, os.path.join(output_dir, name))
         if v2:
             formatted = [{"id": k, "prediction_text": v, "no_answer_probability": 0.0} for k, v in answers.items()]
         else:

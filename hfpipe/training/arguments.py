@@ -101,8 +101,6 @@ class PipelineTrainingArguments(TrainingArguments):
     max_seq_length: int = field(default=384, metadata={"help": "Every batch is padded to this length (the pipeline "
                                                                "reuses buffers sized for the first shape)."})
     export_final_model: bool = field(default=True, metadata={"help": "Write an HF folder to output_dir/final."})
-    export_dtype: str = field(default="float32", metadata={"help": "dtype of output_dir/final: float32 (the fp32 "
-                              "master weights of a bf16/fp16 run), bfloat16, float16, or auto (the training dtype)."})
     predict_with_generate: bool = field(default=False, metadata={"help": "Evaluate on generated ids "
                                                                           "(text-to-text)."})
     generation_max_length: int = field(default=64, metadata={"help": "Max new tokens with "
@@ -149,9 +147,6 @@ class PipelineTrainingArguments(TrainingArguments):
         if self.train_sampling_strategy not in ("random", "sequential"):
             raise ArgumentsError(f"--train_sampling_strategy {self.train_sampling_strategy!r}: expected 'random' or "
                                  "'sequential'.")
-        if self.export_dtype not in ("float32", "bfloat16", "float16", "auto"):
-            raise ArgumentsError(f"--export_dtype {self.export_dtype!r}: expected float32, bfloat16, float16 or "
-                                 "auto.")
         for name in ("num_stages", "dp"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ArgumentsError(f"--{name} {getattr(self, name)}: expected a positive number.")

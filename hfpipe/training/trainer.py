@@ -24,7 +24,7 @@ from hfpipe.core.builder import resolve_model
 from hfpipe.core.dsconfig import check_fp16_supported
 from hfpipe.core.heads import head_for_class
 from hfpipe.core.partition import parse_partition_method
-from hfpipe.training import checkpointing, evaluation, outputs
+from hfpipe.training import checkpointing, evaluation, failfast, outputs
 from hfpipe.training.arguments import PipelineTrainingArguments
 from hfpipe.training.callbacks import default_callbacks
 from hfpipe.training.config import format_sources, resolve_ds_config
@@ -89,6 +89,8 @@ class PipelineTrainer:
         self._batches = GlobalBatches(len(train_dataset) if train_dataset is not None else 0, self.global_batch_size,
                                       args.seed, args.train_sampling_strategy)
         self.steps_per_epoch = self._batches.steps_per_epoch
+        failfast.warn_idle_stages(self.ds_config)
+        failfast.warn_data_shape(train_dataset, self.global_batch_size, args.max_seq_length)
         if train_dataset is not None and self.steps_per_epoch == 0:
             raise ValueError(f"the training set has {len(train_dataset)} examples, fewer than one global batch of "
                              f"{self.global_batch_size} (micro batch {self.micro_batch_size} x "
@@ -260,6 +262,7 @@ class PipelineTrainer:
                     self._save_checkpoint(metrics)
                 ckpt = os.path.join(args.output_dir, f"checkpoint-{self.state.global_step}")
             result["final_model"] = self.export_model(os.path.join(args.output_dir, "final"), checkpoint=ckpt)
+            self._write_card(result["final_model"], metrics)
             if args.push_to_hub:
                 result["hub_url"] = self._push(result["final_model"], metrics)
         self._call("on_train_end")
@@ -318,6 +321,20 @@ class PipelineTrainer:
         return outputs.export_model(self, output_dir, checkpoint)
 
     _push = outputs.push  # (folder, metrics) -> Hub URL or None; rank 0 only
+
+    def _write_card(self, folder: str, metrics: dict) -> None:
+        """A local model card (``README.md``) in the exported folder, pushed or not; a LoRA adapter folder has its
+        own (``hfpipe.training.outputs``). Rank 0."""
+        path = os.path.join(folder, "README.md")
+        if self.rank != 0 or os.path.exists(path):
+            return
+        from hfpipe.hub import hyperparameters, model_card
+
+        hp = {**hyperparameters(self.ds_config, self.args), "world_size": self.world_size}
+        info = {"task": self.pipe.head.name, "metrics": metrics, "hyperparameters": hp,
+                "base_model": getattr(self.pipe.config, "_name_or_path", None) or None}
+        name = self.args.hub_model_id or os.path.basename(os.path.normpath(self.args.output_dir))
+        model_card(name, info).save(path)
 
     def plot_curves(self, path: str) -> str | None:
         """Training loss (and eval metrics) against steps, as a PNG."""
