@@ -4,6 +4,11 @@
     deepspeed --num_gpus 4 recipes/finetune_translation.py --model_name_or_path Qwen/Qwen2.5-0.5B \\
         --dataset_name wmt16 --dataset_config_name ro-en --source_lang en --target_lang ro
 
+    deepspeed --num_gpus 2 recipes/finetune_translation.py --model_type t5     # embedded: small T5 from scratch
+    deepspeed --num_gpus 2 recipes/finetune_translation.py --model_name_or_path Helsinki-NLP/opus-mt-en-ro \
+        --dataset_name wmt16 --dataset_config_name ro-en --source_lang en --target_lang ro \
+        --max_source_length 128 --max_target_length 128 --max_seq_length 128 --predict_with_generate
+
 The same recipe as finetune_summarization.py with ``--task translation`` (one code path, see that file).
 """
 

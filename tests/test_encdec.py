@@ -98,3 +98,110 @@ def test_plan_encoder_decoder_target_len():
     assert short["parts"][1] < 10 < equal["parts"][1]  # layer 10: the encoder's final norm
     assert "target_len=4" in format_plan(short)
     assert short["stage_rows"][0]["layers"].startswith("embed, B0")
+
+
+# ------------------------------------------------------------------------------------------------------ generation
+def _seq2seq(model_type, overrides):
+    from transformers import AutoModelForSeq2SeqLM
+
+    torch.manual_seed(0)
+    return AutoModelForSeq2SeqLM.from_config(family_config(model_type, **overrides)).eval()
+
+
+def _sources(batch=4, length=9):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 128, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate([3, 0, 1, 5][:batch]):  # right padding, lengths differ
+        if pad:
+            mask[row, -pad:] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _rank_generate(model_type, overrides, stages, partition, ids, mask, kwargs):
+    from hfpipe import to_pipeline
+    from hfpipe.generation import generate
+
+    pipe = to_pipeline(_seq2seq(model_type, overrides), num_stages=stages, partition_method=partition)
+    return pipe.stage_id, generate(pipe, ids, mask, **kwargs)
+
+
+GEN_CASES = [("t5", {}, 1, "parameters"), ("t5", T5_V11, 2, T5_IN_DECODER), ("t5", {}, 4, [0, 4, 9, 12]),
+             ("bart", {"forced_eos_token_id": None, "eos_token_id": 127}, 2, BART_IN_DECODER),
+             ("marian", {"forced_eos_token_id": None, "eos_token_id": 127}, 4, [0, 3, 6, 8])]
+
+
+@pytest.mark.parametrize("model_type,overrides,stages,partition", GEN_CASES,
+                         ids=[f"{c[0]}-p{c[2]}" for c in GEN_CASES])
+def test_greedy_generation_equals_hf(dist_pool, model_type, overrides, stages, partition):
+    """The encoder runs once, every decoder stage keeps its self- and cross-attention caches: greedy output equals
+    ``model.generate`` token for token (T5's bias for each new query position, BART's positions past the cache)."""
+    ids, mask = _sources()
+    expected = _seq2seq(model_type, overrides).generate(input_ids=ids, attention_mask=mask, max_new_tokens=8,
+                                                          do_sample=False, num_beams=1)
+    results = dist_pool(stages).run(_rank_generate, model_type, overrides, stages, partition, ids, mask,
+                                    {"max_new_tokens": 8})
+    for stage, out in results:
+        assert torch.equal(out, expected), (stage, out, expected)
+    assert expected.shape[1] >= 5
+
+
+def test_beam_search_is_refused(dist_pool):
+    ids, mask = _sources(2)
+    with pytest.raises(Exception, match="num_beams=2: beam search is not implemented"):
+        dist_pool(1).run(_rank_generate, "t5", {}, 1, "parameters", ids, mask, {"max_new_tokens": 2, "num_beams": 2})
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+def test_bad_models_are_one_clear_error():
+    import transformers
+
+    from hfpipe.core.builder import prepare
+    from hfpipe.core.meta import UnsupportedModelError
+
+    config = family_config("t5")
+    del config.decoder_start_token_id
+    with pytest.raises(UnsupportedModelError, match="no config.decoder_start_token_id.*Set it"):
+        prepare(config, transformers.AutoModelForSeq2SeqLM, device="meta")
+    classifier = prepare(family_config("bart"), transformers.AutoModelForSequenceClassification, device="meta")
+    with pytest.raises(UnsupportedModelError, match="encoder-decoder with a sequence-classification head"):
+        classifier.layers()
+
+
+def _t2t(tmp_path, model_type="t5", **data):
+    from hfpipe.tasks.base import ModelArguments
+    from hfpipe.tasks.decoder import TOKENIZER_DIR
+    from hfpipe.tasks.text2text import Text2TextDataArguments, Text2TextTask, build_text2text
+
+    config = family_config(model_type, vocab_size=1000)
+    config.save_pretrained(tmp_path / model_type)
+    task = Text2TextTask(Text2TextDataArguments(max_train_samples=4, max_eval_samples=4, **data))
+    raw = task.load_raw()
+    _, tok = build_text2text(task, raw, ModelArguments(str(tmp_path / model_type), TOKENIZER_DIR), 0)
+    return task, raw, tok
+
+
+def test_seq2seq_features_and_bad_input(tmp_path):
+    """Source (with --source_prefix) to the encoder, target + EOS as labels, decoder inputs = labels shifted right
+    behind decoder_start_token_id, every column --max_seq_length wide; too-long targets / sources refused."""
+    task, raw, tok = _t2t(tmp_path, source_prefix="summarize : ", max_target_length=12)
+    assert task.encoder_decoder and task.auto_class.__name__ == "AutoModelForSeq2SeqLM"
+    train, evald = task.prepare(tok, raw, 48)
+    row = train[0]
+    assert len(row["input_ids"]) == len(row["labels"]) == len(row["decoder_input_ids"]) == 48
+    assert tok.decode(row["input_ids"], skip_special_tokens=True).startswith("summarize : ")
+    n = sum(row["decoder_attention_mask"])
+    assert row["labels"][n - 1] == tok.eos_token_id and row["labels"][n] == -100
+    assert row["decoder_input_ids"][0] == 0 and row["decoder_input_ids"][1:n] == row["labels"][:n - 1]
+    assert tok.decode(row["labels"][:n], skip_special_tokens=True) == raw["train"][0]["target"]
+    with pytest.raises(ValueError, match="> --max_target_length=3.*--truncate_targets"):
+        task.encode_seq2seq(tok, raw["train"], 48, 3)
+    bart, raw, tok = _t2t(tmp_path, "bart", max_source_length=100)
+    with pytest.raises(ValueError, match="--max_source_length=100 exceeds the model's 64 source positions"):
+        bart.prepare(tok, raw, 128)
+    with pytest.raises(ValueError, match="neither a decoder nor an encoder-decoder"):
+        _t2t(tmp_path, "bert")
+    from hfpipe.tasks.text2text import Text2TextDataArguments, Text2TextTask
+
+    with pytest.raises(ValueError, match="--num_beams=4: beam search"):
+        Text2TextTask(Text2TextDataArguments(num_beams=4))

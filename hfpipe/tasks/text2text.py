@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from hfpipe.tasks.base import TaskDataArguments, load_metric, load_raw_splits
 
@@ -53,10 +53,36 @@ class Text2TextDataArguments(TaskDataArguments):
     max_target_length: int = field(default=64, metadata={"help": "Target tokens kept (EOS included)."})
     packing: bool = field(default=False, metadata={"help": "Concatenate training examples into full rows of "
                           "max_seq_length (no padding; examples attend to their predecessors in the row)."})
+    # run_summarization.py / run_translation.py names (encoder-decoders; the column names work for decoders too)
+    model_type: str = field(default="llama", metadata={"help": "Embedded default (no --model_name_or_path): llama "
+                            "(a decoder) or t5 (an encoder-decoder), trained from scratch."})
+    text_column: str | None = field(default=None, metadata={"help": "Alias of --source_column (run_summarization)."})
+    summary_column: str | None = field(default=None, metadata={"help": "Alias of --target_column."})
+    source_prefix: str | None = field(default=None, metadata={"help": "Text put in front of every source, e.g. "
+                                      "'summarize: ' or 'translate English to German: ' (T5)."})
+    max_source_length: int | None = field(default=None, metadata={"help": "Encoder-decoders: source tokens kept "
+                                          "(default --max_seq_length; every row is padded to --max_seq_length)."})
+    val_max_target_length: int | None = field(default=None, metadata={"help": "Target tokens kept for evaluation "
+                                              "and generated at most (default --max_target_length)."})
+    num_beams: int = field(default=1, metadata={"help": "Beams for --predict_with_generate; only 1 (greedy) runs "
+                           "through the pipeline."})
+    truncate_targets: bool = field(default=False, metadata={"help": "Cut targets longer than --max_target_length "
+                                   "(run_summarization's behaviour) instead of refusing them."})
 
 
 #: Settings of the recipes' embedded default run (small Llama from scratch on the synthetic data, 2 CPU ranks);
 #: applied only when no data is given, and any command-line flag still wins (hfpipe.tasks.base.recipe_arguments).
+RECIPE_DEFAULTS_T5 = {  # --model_type t5: a small T5 (3 + 3 blocks, d_model 128) from scratch, same data
+    "summarization": dict(max_steps=300, learning_rate=2e-3, warmup_steps=20, per_device_train_batch_size=16,
+                          per_device_eval_batch_size=25, eval_strategy="steps", eval_steps=100, logging_steps=25,
+                          max_seq_length=48, max_target_length=12, predict_with_generate=True,
+                          generation_max_length=12, max_eval_samples=100, save_strategy="no"),
+    "translation": dict(max_steps=400, learning_rate=2e-3, warmup_steps=20, per_device_train_batch_size=16,
+                        per_device_eval_batch_size=25, eval_strategy="steps", eval_steps=100, logging_steps=25,
+                        max_seq_length=24, max_target_length=20, predict_with_generate=True,
+                        generation_max_length=20, max_eval_samples=100, save_strategy="no"),
+}
+
 RECIPE_DEFAULTS = {
     "summarization": dict(max_steps=300, learning_rate=3e-3, warmup_steps=20, per_device_train_batch_size=16,
                           per_device_eval_batch_size=25, eval_strategy="steps", eval_steps=50, logging_steps=25,
@@ -141,13 +167,24 @@ def _pick(columns, explicit: str | None, candidates, what: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------------- task
 class Text2TextTask:
-    """Summarization / translation with a decoder-only model (``AutoModelForCausalLM``)."""
+    """Summarization / translation with a decoder-only model (``AutoModelForCausalLM``: prompt + target in one row)
+    or an encoder-decoder (``AutoModelForSeq2SeqLM``: T5, BART, Marian, ...: source to the encoder, target to the
+    decoder, as HF's run_summarization.py / run_translation.py). :func:`build_text2text` decides which from the
+    model's config (or ``--model_type`` for the embedded default) and sets :attr:`encoder_decoder`."""
 
     auto_class = AutoModelForCausalLM
+    encoder_decoder = False
 
     def __init__(self, data_args: Text2TextDataArguments):
         if data_args.task not in TEMPLATES:
             raise ValueError(f"--task={data_args.task!r}; expected one of {sorted(TEMPLATES)}.")
+        if data_args.num_beams != 1:
+            raise ValueError(f"--num_beams={data_args.num_beams}: beam search does not run through the pipeline (each "
+                             "stage would reorder its caches by the last stage's beam choice every step); use "
+                             "--num_beams 1 (greedy).")
+        if data_args.model_type not in DEFAULT_MODEL_TYPES:
+            raise ValueError(f"--model_type={data_args.model_type!r}; the embedded default is one of "
+                             f"{list(DEFAULT_MODEL_TYPES)} (or pass --model_name_or_path).")
         self.args = data_args
         self.task = data_args.task
         self.template = data_args.prompt_template or TEMPLATES[self.task]
@@ -161,10 +198,11 @@ class Text2TextTask:
     def _columns(self, dataset) -> tuple[Callable, Callable]:
         cols = dataset.column_names
         a = self.args
-        if self.task == "translation" and "translation" in cols and not (a.source_column or a.target_column):
+        source_column, target_column = a.source_column or a.text_column, a.target_column or a.summary_column
+        if self.task == "translation" and "translation" in cols and not (source_column or target_column):
             return (lambda ex: ex["translation"][a.source_lang]), (lambda ex: ex["translation"][a.target_lang])
-        src = _pick(cols, a.source_column, SOURCE_COLUMNS[self.task], "source")
-        tgt = _pick(cols, a.target_column, TARGET_COLUMNS[self.task], "target")
+        src = _pick(cols, source_column, SOURCE_COLUMNS[self.task], "source")
+        tgt = _pick(cols, target_column, TARGET_COLUMNS[self.task], "target")
         return (lambda ex: ex[src]), (lambda ex: ex[tgt])
 
     def encode(self, tokenizer, dataset, max_seq_length: int, packing: bool = False):
@@ -173,6 +211,8 @@ class Text2TextTask:
 
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        if self.encoder_decoder:
+            return self.encode_seq2seq(tokenizer, dataset, max_seq_length, self.args.max_target_length)
         prefix, suffix = split_template(tokenizer, self.template, self.args.use_chat_template,
                                         source_lang=self.args.source_lang, target_lang=self.args.target_lang)
         get_src, get_tgt = self._columns(dataset)
@@ -181,9 +221,52 @@ class Text2TextTask:
         table = pack_rows(rows, max_seq_length) if packing else pad_rows(rows, tokenizer.pad_token_id, max_seq_length)
         return datasets.Dataset.from_dict(table)
 
+    def encode_seq2seq(self, tokenizer, dataset, max_seq_length: int, max_target_length: int):
+        """Encoder-decoder features, as run_summarization.py builds them: ``source_prefix + source`` truncated to
+        --max_source_length, the target (EOS last) as ``labels``, ``decoder_input_ids`` shifted from them by the
+        model's own ``prepare_decoder_input_ids_from_labels``; every column padded to ``max_seq_length`` (the
+        pipeline reuses buffers sized for the first batch; labels -100 on padding)."""
+        import datasets
+        import torch
+
+        a = self.args
+        source_len = a.max_source_length or max_seq_length
+        for flag, value in (("--max_source_length", source_len), ("--max_target_length", max_target_length)):
+            if value > max_seq_length:
+                raise ValueError(f"{flag}={value} > --max_seq_length={max_seq_length}: every column is padded to "
+                                 f"--max_seq_length; raise it to {value} or lower {flag}.")
+        if self.max_positions is not None and source_len > self.max_positions:
+            raise ValueError(f"--max_source_length={source_len} exceeds the model's {self.max_positions} source "
+                             "positions (max_position_embeddings); lower --max_source_length (or --max_seq_length).")
+        get_src, get_tgt = self._columns(dataset)
+        prefix = a.source_prefix or ""
+        table = {"input_ids": [], "attention_mask": [], "labels": [], "decoder_attention_mask": []}
+        eos = tokenizer.eos_token_id
+        for ex in dataset:
+            src = tokenizer(prefix + get_src(ex).strip(), truncation=True, max_length=source_len)["input_ids"]
+            tgt = tokenizer(get_tgt(ex).strip(), add_special_tokens=False)["input_ids"] + [eos]
+            if len(tgt) > max_target_length:
+                if not a.truncate_targets:
+                    raise ValueError(f"a target has {len(tgt)} tokens (EOS included) > --max_target_length="
+                                     f"{max_target_length}: {get_tgt(ex)[:60]!r}; raise --max_target_length or pass "
+                                     "--truncate_targets.")
+                tgt = tgt[:max_target_length - 1] + [eos]
+            n, m = max_seq_length - len(src), max_seq_length - len(tgt)
+            table["input_ids"].append(src + [tokenizer.pad_token_id] * n)
+            table["attention_mask"].append([1] * len(src) + [0] * n)
+            table["labels"].append(tgt + [-100] * m)
+            table["decoder_attention_mask"].append([1] * len(tgt) + [0] * m)
+        labels = torch.tensor(table["labels"], dtype=torch.long).reshape(len(table["labels"]), max_seq_length)
+        table["decoder_input_ids"] = self.shift(labels).tolist()
+        return datasets.Dataset.from_dict(table)
+
     def prepare(self, tokenizer, raw, max_seq_length: int):
         train = self.encode(tokenizer, raw["train"], max_seq_length, self.args.packing) if "train" in raw else None
-        evald = self.encode(tokenizer, raw["validation"], max_seq_length) if "validation" in raw else None
+        if self.encoder_decoder and "validation" in raw:
+            evald = self.encode_seq2seq(tokenizer, raw["validation"], max_seq_length,
+                                        self.args.val_max_target_length or self.args.max_target_length)
+        else:
+            evald = self.encode(tokenizer, raw["validation"], max_seq_length) if "validation" in raw else None
         self.tokenizer = tokenizer
         return train, evald
 
@@ -192,6 +275,8 @@ class Text2TextTask:
         and padded to ``max_new_tokens`` (``hfpipe.generation``; beams are not implemented)."""
         from hfpipe.generation import generate_continuations
 
+        if self.encoder_decoder and self.args.val_max_target_length:
+            max_new_tokens = self.args.val_max_target_length
         return functools.partial(generate_continuations, max_new_tokens=max_new_tokens,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
@@ -212,7 +297,11 @@ class Text2TextTask:
             labels = np.asarray(pred.label_ids) if pred.label_ids is not None else None
             if preds.ndim == 3:  # teacher-forced logits
                 preds = preds.argmax(-1)
-            if labels is not None and preds.shape == labels.shape:
+            if self.encoder_decoder and labels is not None and preds.shape == labels.shape:
+                # teacher-forced decoder: position t predicts label t
+                texts = [tokenizer.decode([p for p, l in zip(row, lab) if l != -100], skip_special_tokens=True)
+                         for row, lab in zip(preds, labels)]
+            elif labels is not None and preds.shape == labels.shape:
                 # teacher forcing (logits, or ids as wide as the rows; generated ids are --generation_max_length
                 # wide): token t+1 is predicted at t; keep target positions only
                 texts = [tokenizer.decode([p for p, l in zip(row[:-1], lab[1:]) if l != -100],
@@ -232,6 +321,60 @@ class Text2TextTask:
             return out
 
         return compute
+
+
+#: the embedded default's model per --model_type (trained from scratch with the corpus' tokenizer)
+DEFAULT_MODEL_TYPES = ("llama", "t5")
+
+
+def small_t5_config(tokenizer, **overrides):
+    """The small T5 the recipes train from scratch for ``--model_type t5`` (3 + 3 blocks, d_model 128): decoder
+    starts from BOS, as the targets carry no BOS of their own."""
+    from transformers import T5Config
+
+    kwargs = dict(vocab_size=len(tokenizer), d_model=128, d_kv=32, d_ff=256, num_layers=3, num_decoder_layers=3,
+                  num_heads=4, relative_attention_num_buckets=16, relative_attention_max_distance=64,
+                  dropout_rate=0.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                  decoder_start_token_id=tokenizer.bos_token_id, tie_word_embeddings=True,
+                  architectures=["T5ForConditionalGeneration"])
+    kwargs.update(overrides)
+    return T5Config(**kwargs)
+
+
+def build_text2text(task: Text2TextTask, raw, model_args, seed: int):
+    """``(model, tokenizer)`` for the text-to-text recipes; decides decoder vs encoder-decoder from the model's config
+    (``is_encoder_decoder``) or ``--model_type`` and sets the task's ``auto_class`` accordingly. An encoder-only
+    model (BERT, ...) is one error."""
+    from transformers import AutoConfig
+
+    from hfpipe.tasks.decoder import build_decoder, default_tokenizer
+
+    if model_args.model_name_or_path is None and task.args.model_type == "t5":
+        tokenizer = default_tokenizer()
+        model = config = small_t5_config(tokenizer)
+    elif model_args.model_name_or_path is None:
+        return build_decoder(task, raw, model_args, seed)
+    else:
+        model, tokenizer = build_decoder(task, raw, model_args, seed)
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path)
+    from hfpipe.core.builder import prepare
+
+    if not getattr(config, "is_encoder_decoder", False):
+        if type(config) not in AutoModelForCausalLM._model_mapping or \
+                not prepare(config, AutoModelForCausalLM, device="meta").adapter.causal:
+            raise ValueError(f"{model_args.model_name_or_path}: a {config.model_type} model is neither a decoder nor "
+                             "an encoder-decoder (an encoder's attention is bidirectional); summarization/translation need AutoModelForCausalLM (Llama, Qwen, "
+                             "...) or AutoModelForSeq2SeqLM (T5, BART, Marian, ...) models.")
+        return model, tokenizer
+    if type(config) not in AutoModelForSeq2SeqLM._model_mapping:
+        raise ValueError(f"{config.model_type} is an encoder-decoder without an AutoModelForSeq2SeqLM class; "
+                         "use T5, mT5, BART, mBART or Marian.")
+
+    adapter = prepare(config, AutoModelForSeq2SeqLM, device="meta").adapter  # unsupported families: one error
+    task.encoder_decoder, task.auto_class = True, AutoModelForSeq2SeqLM
+    task.max_positions = adapter.max_source_positions()
+    task.shift = adapter.decoder_inputs
+    return model, tokenizer
 
 
 def _until_eos(row, eos_id) -> list[int]:
