@@ -77,10 +77,11 @@ def _verify(p: argparse.ArgumentParser):
 def _families(p: argparse.ArgumentParser):
     def run(args) -> int:
         from hfpipe.core.adapters import supported_families
+        from hfpipe.core.adapters.registry import family_heads
         from hfpipe.core.heads import HEADS
 
         for model_type, how in supported_families().items():
-            print(f"{model_type:<16}{how}")
+            print(f"{model_type:<16}{how:<34}{', '.join(family_heads(model_type))}")
         print(f"\nheads: {', '.join(HEADS)}")
         return 0
 

@@ -25,6 +25,16 @@ def supported_families() -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
+def family_heads(model_type: str) -> tuple[str, ...]:
+    """The heads hfpipe runs for a family (``hfpipe families``): encoder-decoders the seq2seq LM only; decoders the
+    causal LM and the classification / QA heads; encoders the classification / QA heads."""
+    cls = _REGISTRY.get(model_type)
+    if cls is not None and cls.encoder_decoder:
+        return ("seq2seq-lm",)
+    rest = ("sequence-classification", "token-classification", "question-answering")
+    return rest if cls is not None and not cls.causal else ("causal-lm",) + rest
+
+
 def get_adapter(config, model_class: type, meta_model) -> Adapter:
     model_type = getattr(config, "model_type", None)
     if model_type in _REGISTRY:
