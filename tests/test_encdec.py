@@ -205,3 +205,18 @@ def test_seq2seq_features_and_bad_input(tmp_path):
 
     with pytest.raises(ValueError, match="--num_beams=4: beam search"):
         Text2TextTask(Text2TextDataArguments(num_beams=4))
+
+
+def test_t5_tables_initialised_from_config():
+    """Built from a config (no weights), T5's shared table and relative-position tables get HF's init (std
+    ``initializer_factor`` and ``d_model ** -0.5``): both sit in init branches of their parent modules in HF, so on
+    their own they were left as uninitialised memory, and a T5 trained from scratch did not learn."""
+    import transformers
+
+    from hfpipe.core.builder import prepare
+
+    b = prepare(family_config("t5"), transformers.AutoModelForSeq2SeqLM)
+    infos = b.layers()
+    embed, bias = infos[0].spec.build(), infos[2].spec.build()
+    assert float(embed.embed.weight.std()) == pytest.approx(1.0, rel=0.1)
+    assert float(bias.relative_attention_bias.weight.std()) == pytest.approx(32 ** -0.5, rel=0.3)

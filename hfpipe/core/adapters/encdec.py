@@ -256,6 +256,10 @@ class EncDecAdapter(Adapter):
     def bias_table(self, stack: str) -> nn.Module:
         raise NotImplementedError
 
+    def init_table(self, layer, module: nn.Module, what: str) -> None:
+        """Initialise an embedding table the source did not provide, as the task model's ``_init_weights`` would
+        (families whose init of a table lives in a branch for its parent module: T5)."""
+
     def head_placeholders(self) -> dict[str, nn.Module]:
         """Small stand-ins the task model's ``_init_weights`` touches on the head shell's root (dropped after)."""
         return {}
@@ -355,6 +359,7 @@ class SharedEmbedding(PipeLayer):
         a = self.adapter
         self._prefix = a.hf_prefix(a.shared_path)
         self.embed = self._materialize(builder.meta_copy(a.shared), "", self._prefix)
+        a.init_table(self, self.embed, "shared")
         self.head = None
         if builder.tied:
             shell = head_shell(a, drop_lm_head=True)
@@ -536,6 +541,7 @@ class _RelativeBias(_StackLayer):
         self._prefix = a.hf_prefix(f"{self.stack}.{a.blocks_name}.0.{a.bias_path}.relative_attention_bias")
         self.relative_attention_bias = self._materialize(builder.meta_copy(attn.relative_attention_bias), "",
                                                          self._prefix)
+        a.init_table(self, self.relative_attention_bias, "relative_attention_bias")
 
     def _relative_position_bucket(self, *args, **kwargs):
         return self._attn_class._relative_position_bucket(*args, **kwargs)
@@ -580,6 +586,21 @@ class T5Adapter(EncDecAdapter):
 
     def max_source_positions(self):
         return None
+
+    def init_table(self, layer, module, what):
+        # T5PreTrainedModel._init_weights initialises ``shared`` in its task-model branch and the relative-position
+        # table in its T5Attention branch; standing alone, neither table would be initialised at all
+        b = layer.builder
+        weight = module.weight
+        if b.source is not None and b.source.get(layer.hf_names()[next(iter(layer.hf_names()))]) is not None:
+            return
+        if torch.device(b.device).type == "meta":
+            return
+        std = self.config.initializer_factor * (1.0 if what == "shared" else self.config.d_model ** -0.5)
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            if b.seed is not None:
+                torch.manual_seed(b.layer_seed(layer.index))
+            weight.normal_(0.0, std)
 
     def head_placeholders(self):
         # T5PreTrainedModel._init_weights(task model) initialises ``shared`` together with an untied lm_head
