@@ -266,7 +266,13 @@ def summarize(variant: str, p: int, m: int, t_forward: float, t_backward: float,
     for r in sorted(per_rank, key=lambda r: r["stage"]):
         instr = dict(r["instructions_ms_per_step"])
         instr["ForwardPass"] = instr.get("ForwardPass", 0.0) - 1e3 * m * t_forward
-        instr["BackwardPass"] = instr.get("BackwardPass", 0.0) - 1e3 * m * t_backward
+        if "BackwardWeight" in instr:  # split backward: B and W windows (the first stage's W is its whole backward)
+            first = r["stage"] == 0
+            instr["BackwardInput"] = instr.get("BackwardInput", 0.0) - (0 if first else 1e3 * m * (t_backward - t_weight))
+            instr["BackwardWeight"] -= 1e3 * m * (t_backward if first else t_weight)
+            instr["BackwardPass"] = instr.pop("BackwardInput") + instr.pop("BackwardWeight")
+        else:
+            instr["BackwardPass"] = instr.get("BackwardPass", 0.0) - 1e3 * m * t_backward
         profile.append({"stage": r["stage"], "ms_per_step": {k: round(v, 3) for k, v in instr.items()}})
     # the layers' own work (tiny, but Python-bound on a shared CPU) on the busiest stage, per micro-batch: the
     # ideal with it added isolates what the schedule itself costs (p2p latency, waits, loss/grad reductions)

@@ -207,7 +207,8 @@ class ZeroBubbleEngine(PipelineEngine):
     def _exec_schedule(self, pipe_schedule):
         self._zb_sends: list = []  # (work, tensor) of outstanding isends
         self._zb_meta_sent = self._zb_meta = None
-        self._zb_grads: dict[int, torch.Tensor] = {}
+        self._zb_grads: dict[int, tuple] = {}  # micro-batch -> (work, buffer) of a posted gradient receive
+        self._zb_acts: dict[int, tuple] = {}  # the same for the next activation
         self._zb_losses: dict[int, torch.Tensor] = {}
         self._zb_groups: dict[int, list] = {}
         try:
@@ -227,6 +228,11 @@ class ZeroBubbleEngine(PipelineEngine):
     def _recv(self, tensor: torch.Tensor, stage: int) -> torch.Tensor:
         dist.irecv(tensor, self._peer(stage)).wait()
         return tensor
+
+    def _post_recv(self, tensor: torch.Tensor, stage: int) -> tuple:
+        """A receive posted ahead of its use, so that the message lands while this stage computes (messages from
+        one peer match receives in the order they are posted)."""
+        return dist.irecv(tensor, self._peer(stage)), tensor
 
     def _exec_flush_sends(self):
         for work, _ in getattr(self, "_zb_sends", []):
@@ -248,19 +254,28 @@ class ZeroBubbleEngine(PipelineEngine):
             raise ConfigError(f"schedule='zb-h1': micro-batches of one step differ in shape ({tuple(out.shape)} vs "
                               f"{tuple(self._zb_meta_sent[0])}); pad every micro-batch of a step to one length.")
         self._isend(out, self.next_stage)
+        # its gradient comes back in micro-batch order: post the receive now
+        self._zb_grads[buffer_id] = self._post_recv(torch.empty_like(out, memory_format=torch.contiguous_format),
+                                                    self.next_stage)
 
     def _exec_recv_activations_async(self, buffer_id):
         if self._zb_meta is None:
             meta = self._recv(torch.zeros(_META, dtype=torch.long, device=self.device), self.prev_stage).tolist()
             self._zb_meta = (self.ID_TO_DTYPE[meta[0]], meta[2:2 + meta[1]])
         dtype, shape = self._zb_meta
-        buf = self._recv(torch.empty(shape, dtype=dtype, device=self.device), self.prev_stage)
+        posted = self._zb_acts.pop(buffer_id, None)
+        if posted is None:
+            posted = self._post_recv(torch.empty(shape, dtype=dtype, device=self.device), self.prev_stage)
+        if buffer_id + 1 < self.micro_batches:  # the next one, posted before this one is waited for
+            self._zb_acts[buffer_id + 1] = self._post_recv(torch.empty(shape, dtype=dtype, device=self.device),
+                                                           self.prev_stage)
+        work, buf = posted
+        work.wait()
         self.pipe_buffers["inputs"][buffer_id] = buf.requires_grad_(buf.is_floating_point())
 
     def _exec_recv_grads_async(self, buffer_id):
-        out = self.pipe_buffers["outputs"][buffer_id]
-        self._zb_grads[buffer_id] = self._recv(torch.empty_like(out, memory_format=torch.contiguous_format),
-                                               self.next_stage)
+        work, grad = self._zb_grads[buffer_id]  # posted when the activation was sent
+        work.wait()
 
     def _exec_send_grads_async(self, buffer_id):
         inp = self.pipe_buffers["inputs"][buffer_id]
@@ -286,7 +301,7 @@ class ZeroBubbleEngine(PipelineEngine):
         if self.is_last_stage():
             return [self._zb_losses.pop(buffer_id)], None
         out = self.pipe_buffers["outputs"][buffer_id]
-        return [out], [self._zb_grads.pop(buffer_id)]
+        return [out], [self._zb_grads.pop(buffer_id)[1]]
 
     def _exec_backward_input(self, buffer_id):
         if self.is_first_stage():

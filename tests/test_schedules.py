@@ -86,18 +86,21 @@ def train_losses(schedule: str, stages: int, steps: int, bf16: bool = False) -> 
     head = head_for_class(LlamaForCausalLM)
     losses = []
     for step in range(steps):
-        batch = make_batch(config, head, m * mbs * dp, 10, seed=100 + step, padding="right")
+        batch = make_batch(config, head, m * mbs * dp, 10, seed=100, padding="right")  # one batch: loss falls
         data = micro_batches(batch, pipe, m, engine.grid.data_parallel_id, dp)
         losses.append(float(engine.train_batch(iter(data))))
     return {"schedule": schedule_of(engine), "losses": losses}
 
 
-def test_zb_h1_loss_curve_equals_1f1b(dist_pool):
-    """Three AdamW steps (clipped, 2 stages x 2 replicas): the same loss curve with either schedule."""
+@pytest.mark.parametrize("bf16", [False, True])
+def test_zb_h1_loss_curve_equals_1f1b(dist_pool, bf16):
+    """Three AdamW steps (clipped, 2 stages x 2 replicas; bf16: DeepSpeed's BF16 optimizer with fp32 gradient
+    accumulation): the same loss curve with either schedule."""
     pool = dist_pool(4)
-    one = pool.run(train_losses, "1f1b", 2, 3)
-    zb = pool.run(train_losses, "zb-h1", 2, 3)
+    one = pool.run(train_losses, "1f1b", 2, 3, bf16)
+    zb = pool.run(train_losses, "zb-h1", 2, 3, bf16)
     assert [r["schedule"] for r in one + zb] == ["1f1b"] * 4 + ["zb-h1"] * 4
+    tol = 1e-2 if bf16 else 1e-5  # bf16: W sums the micro-batch gradients in another order
     assert zb[0]["losses"][0] == pytest.approx(one[0]["losses"][0], rel=1e-6)
-    assert zb[0]["losses"] == pytest.approx(one[0]["losses"], rel=1e-5)
+    assert zb[0]["losses"] == pytest.approx(one[0]["losses"], rel=tol)
     assert one[0]["losses"][2] < one[0]["losses"][0]  # it trains
