@@ -106,7 +106,17 @@ then the same with `--gpu-micro-batch-sizes 4 --merge` after copying the returne
 `benchmarks/results/cuda/` (each variant runs in its own process so that peak memory is its own; one micro-batch
 size per command keeps a command under the machine's 10 minutes). Then `python benchmarks/run_all.py
 --render-only` here folds it into this file. DeepSpeed's FusedAdam cannot JIT-build there; the config uses
-`{"type": "AdamW", "params": {"torch_adam": true, "fused": true}}`."""
+`{"type": "AdamW", "params": {"torch_adam": true, "fused": true}}`.
+
+The single-stage LoRA row (full fine-tuning vs LoRA r=8 vs QLoRA on the whole Llama-3.2-1B, bf16, peak
+`torch.cuda.max_memory_allocated`), in the same environment:
+
+```
+python3 benchmarks/lora_memory.py --stages 1 --qlora --seq-len 1024 --out benchmarks/results/cuda-lora \\
+  && cp benchmarks/results/cuda-lora/* $OUT/
+```
+
+then copy the returned `lora_memory.json` / `.md` into `benchmarks/results/cuda-lora/` and `--render-only` here."""
 
 
 def message_rows(rows: list[dict]) -> list[dict]:
@@ -183,6 +193,13 @@ def render(path: str = os.path.join(BENCH, "RESULTS.md")) -> str:
         if conv.get("environment"):
             lines += [_env_line(conv["environment"]), "", f"Command: `{conv['command']}`", ""]
         lines += [body, ""]
+    for folder, title in (("cpu-lora", "LoRA vs full fine-tuning: peak memory per stage (CPU, 2 stages)"),
+                          ("cuda-lora", "LoRA vs full fine-tuning: peak memory, one stage (GPU)")):
+        lora = _load(os.path.join(RESULTS_DIR, folder, "lora_memory.json"))
+        if lora:  # written by benchmarks/lora_memory.py (not part of make bench: full fine-tuning needs GBs)
+            with open(os.path.join(RESULTS_DIR, folder, "lora_memory.md")) as f:
+                body = f.read().split("\n", 1)[1].strip()
+            lines += [f"## {title}", "", _env_line(lora["env"]), "", f"Command: `{lora['command']}`", "", body, ""]
     if gpu:
         lines += ["## Reproducing the GPU run", "", GPU_HOWTO, ""]
     text = "\n".join(lines)
