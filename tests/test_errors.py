@@ -350,6 +350,45 @@ def _(tmp):
     return raised(check_run_shape, 2, 0, 4, 8)
 
 
+@case("negative-learning-rate", "`--learning_rate -1e-4`")
+def _(tmp):
+    return _lora_args(tmp, learning_rate=-1e-4)
+
+
+@case("checkpoint-interval-negative", "`--activation_checkpoint_interval -1`")
+def _(tmp):
+    return _lora_args(tmp, activation_checkpoint_interval=-1)
+
+
+def _data_error(rows, **kw):
+    from datasets import Dataset
+
+    from hfpipe.training.datacheck import check_dataset
+
+    data = Dataset.from_list(rows) if rows else Dataset.from_dict({"input_ids": [], "labels": []})
+    return raised(check_dataset, data, family_config("bert", num_labels=3), split="train", **kw)
+
+
+@case("data-empty", "an empty (or header-only) training file")
+def _(tmp):
+    return _data_error([])
+
+
+@case("data-token-id", "token ids from another tokenizer (id 500 for a 128-token vocabulary)")
+def _(tmp):
+    return _data_error([{"input_ids": [1, 500], "labels": 0}])
+
+
+@case("data-too-long", "a 600-token example for a model with 512 positions")
+def _(tmp):
+    return _data_error([{"input_ids": [1] * 600, "labels": 0}], max_positions=512)
+
+
+@case("data-label-range", "label 3 for a 3-class head")
+def _(tmp):
+    return _data_error([{"input_ids": [1, 2], "labels": 3}], num_labels=3)
+
+
 def _saved(tmp: Path, **kw) -> Path:
     """A tiny Llama saved with save_pretrained (one model.safetensors)."""
     import torch

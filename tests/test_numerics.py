@@ -1,6 +1,7 @@
 """A NaN stops training with the step and the stage that produced it, or the step is skipped on request; NaN
 weights are refused before the first step. Two fp32 stages of a tiny Llama on the shared rank pool."""
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -100,3 +101,56 @@ def test_nan_weights_refused_before_training(dist_pool):
     for m in messages:
         assert m is not None and m.startswith("the weights of stage 1 hold NaN/Inf before training")
     assert "; here: " in messages[1] and "; here: " not in messages[0]
+
+
+# --- through PipelineTrainer ---------------------------------------------------------------------------------------
+
+def rank_trainer_guards(out_dir: str):
+    """The trainer refuses NaN weights, 0 training steps and labels outside the head before its first step, and
+    skips a NaN step with --skip_nonfinite_steps. Returns each error message (the same on every rank)."""
+    import sys
+
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from test_trainer import _args, _cls_data, _cls_model
+
+    from hfpipe import PipelineTrainer
+
+    out = {}
+    model = _cls_model()
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = float("nan")
+    for key, make in {
+        "nan_weight": lambda: PipelineTrainer(model, _args(out_dir, 2), train_dataset=_cls_data(8)),
+        "zero_steps": lambda: PipelineTrainer(_cls_model(), _args(out_dir, 2, num_train_epochs=0),
+                                              train_dataset=_cls_data(8)),
+        "bad_label": lambda: PipelineTrainer(_cls_model(), _args(out_dir, 2),
+                                             train_dataset=_cls_data(8).map(lambda r: {"labels": 7})),
+    }.items():
+        try:
+            make()
+            out[key] = None
+        except ValueError as exc:
+            out[key] = str(exc)
+    trainer = PipelineTrainer(_cls_model(), _args(out_dir, 2, max_steps=3, skip_nonfinite_steps=True),
+                              train_dataset=_cls_data(16))
+    calls = {"n": 0}
+
+    def poison(module, inputs, output):  # the second step's forwards (2 micro-batches a step) give NaN on stage 1
+        calls["n"] += 1
+        return output * float("nan") if trainer.engine.stage_id == 1 and calls["n"] in (3, 4) else None
+
+    hook = trainer.engine.module.register_forward_hook(poison)
+    trainer.engine.module._forward_hooks.move_to_end(hook.id, last=False)  # before the guard's own hook
+    result = trainer.train()
+    out["skipped"] = trainer.nonfinite.skipped_steps
+    out["steps"] = result["global_step"]
+    out["loss_finite"] = bool(np.isfinite(result["train_loss"]))
+    return out
+
+
+def test_trainer_refuses_nan_weights_zero_steps_and_bad_labels_and_skips(dist_pool, tmp_path):
+    for r in dist_pool(2).run(rank_trainer_guards, str(tmp_path)):
+        assert r["nan_weight"].startswith("the weights of stage 1 (layers ")
+        assert r["zero_steps"].startswith("--num_train_epochs 0 with --max_steps -1 trains 0 steps")
+        assert r["bad_label"].startswith("train split: label 7 in column 'labels' is outside the 3 classes")
+        assert (r["skipped"], r["steps"], r["loss_finite"]) == (1, 3, True)

@@ -70,6 +70,10 @@ class HeadSpec:
         """Random labels for a padded batch ``ids``/``mask`` (``hfpipe.core.batches.make_batch``)."""
         raise NotImplementedError
 
+    def num_classes(self, config) -> int | None:
+        """The class count labels index into (``None``: labels are not class indices), for checking data."""
+        return None
+
 
 class CausalLMHead(HeadSpec):
     name, token_level, causal, per_token_labels, pipeline_tag = "causal-lm", True, True, True, "text-generation"
@@ -97,6 +101,9 @@ class SequenceClassificationHead(HeadSpec):
             return {"labels": torch.randn(ids.shape[0], generator=generator)}
         return {"labels": torch.randint(0, config.num_labels, (ids.shape[0],), generator=generator)}
 
+    def num_classes(self, config):
+        return None if config.num_labels == 1 else config.num_labels  # 1: regression
+
 
 class TokenClassificationHead(HeadSpec):
     name, token_level, per_token_labels, pipeline_tag = "token-classification", True, True, "token-classification"
@@ -112,6 +119,9 @@ class TokenClassificationHead(HeadSpec):
         labels = torch.randint(0, config.num_labels, ids.shape, generator=generator)
         skip = torch.rand(ids.shape, generator=generator) < 0.2  # e.g. non-first sub-tokens
         return {"labels": torch.where(mask.bool() & ~skip, labels, torch.full_like(labels, -100))}
+
+    def num_classes(self, config):
+        return config.num_labels
 
 
 class QuestionAnsweringHead(HeadSpec):

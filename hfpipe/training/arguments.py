@@ -129,6 +129,9 @@ class PipelineTrainingArguments(TrainingArguments):
                                                               "the adapter merged in (PEFT's merge_and_unload), "
                                                               "loadable with from_pretrained."})
     plot_curves: bool = field(default=True, metadata={"help": "Write output_dir/training_curves.png at the end."})
+    skip_nonfinite_steps: bool = field(default=False, metadata={"help": "Skip an optimizer step whose gradients "
+                                       "hold NaN/Inf (counted in the logs) instead of stopping the run with the step "
+                                       "and the stage that produced it."})
 
     def __post_init__(self):
         for name, (fine, why) in REFUSED.items():
@@ -150,6 +153,11 @@ class PipelineTrainingArguments(TrainingArguments):
         for name in ("num_stages", "dp"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ArgumentsError(f"--{name} {getattr(self, name)}: expected a positive number.")
+        for name in ("learning_rate", "activation_checkpoint_interval", "weight_decay", "max_grad_norm",
+                     "loss_chunk_tokens", "warmup_steps", "max_seq_length"):
+            if getattr(self, name) < 0 or (name == "max_seq_length" and self.max_seq_length == 0):
+                raise ArgumentsError(f"--{name} {getattr(self, name)}: expected a "
+                                     f"{'positive' if name == 'max_seq_length' else 'non-negative'} number.")
         if self.logging_dir:
             os.environ.setdefault("TENSORBOARD_LOGGING_DIR", self.logging_dir)  # where HF's TensorBoard writes
         # HF's own bf16 check wants a GPU; the pipeline trains bf16 on CPU ranks too (DeepSpeed decides)

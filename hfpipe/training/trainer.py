@@ -24,6 +24,7 @@ from hfpipe.core.builder import resolve_model
 from hfpipe.core.dsconfig import check_fp16_supported
 from hfpipe.core.heads import head_for_class
 from hfpipe.core.partition import parse_partition_method
+from hfpipe.training.numerics import NonFiniteGuard, check_initial_weights
 from hfpipe.training import checkpointing, evaluation, failfast, outputs
 from hfpipe.training.arguments import PipelineTrainingArguments
 from hfpipe.training.callbacks import default_callbacks
@@ -74,6 +75,7 @@ class PipelineTrainer:
 
         init_distributed(resolve_timeout(args))  # --ddp_timeout for the rendezvous and every process group
         self.pipe = self._build_pipe(model, model_class, pipe_cfg)
+        self._check_data(train_dataset, eval_dataset)
         import torch.distributed as dist
 
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -101,7 +103,13 @@ class PipelineTrainer:
             self.max_steps = math.ceil(args.num_train_epochs * self.steps_per_epoch)
         else:
             self.max_steps = 0
+        if train_dataset is not None and self.max_steps <= 0:
+            raise ValueError(f"--num_train_epochs {args.num_train_epochs} with --max_steps {args.max_steps} trains 0 "
+                             "steps, so nothing would be trained or exported; set --num_train_epochs > 0 or "
+                             "--max_steps > 0 (or leave out --do_train to only evaluate).")
         self.engine = self._initialize_engine()
+        self.nonfinite = NonFiniteGuard(self.engine, skip=args.skip_nonfinite_steps)
+        check_initial_weights(self.engine, self._describe_stage)
         self.dp_rank = self.engine.grid.data_parallel_id
         self.callback_handler = CallbackHandler(default_callbacks(args) + list(callbacks or []), self.pipe,
                                                 processing_class, self.engine.optimizer, self.engine.lr_scheduler)
@@ -117,6 +125,26 @@ class PipelineTrainer:
         self.control = self.callback_handler.on_init_end(args, self.state, self.control)
 
     # ------------------------------------------------------------------------------------------------ set-up
+    def _describe_stage(self, stage: int) -> str:
+        """``layers a-b: TypeA, TypeB`` of ``stage`` (for messages)."""
+        start, stop = self.pipe.parts[stage], self.pipe.parts[stage + 1]
+        kinds = sorted({info.name for info in self.pipe.layer_infos[start:stop]})
+        return f"layers {start}-{stop - 1}: {', '.join(kinds)}"
+
+    def _check_data(self, *splits) -> None:
+        """Data the model cannot take (``hfpipe.training.datacheck``), the same error on every rank."""
+        from hfpipe.training.datacheck import check_dataset, position_limit
+
+        config = self.pipe.config
+        limit = position_limit(self.pipe.hfpipe_builder.adapter.meta_model)
+        if limit and self.args.max_seq_length > limit:
+            raise ValueError(f"--max_seq_length {self.args.max_seq_length} is longer than the model's {limit} "
+                             "positions (max_position_embeddings), and every batch is padded to it; set "
+                             f"--max_seq_length {limit} or less.")
+        for name, data in zip(("train", "validation"), splits):
+            check_dataset(data, config, split=name, num_labels=self.pipe.head.num_classes(config),
+                          label_column=self.pipe.head.label_names[0], max_positions=limit)
+
     def _build_pipe(self, model, model_class, pipe_cfg):
         from hfpipe.pipeline import to_pipeline
 
@@ -189,6 +217,8 @@ class PipelineTrainer:
         gn = self.engine.get_global_grad_norm()
         if gn is not None:
             logs["grad_norm"] = float(gn)
+        if self.nonfinite.skipped_steps:
+            logs["skipped_nonfinite_steps"] = self.nonfinite.skipped_steps
         logs["samples_per_second"] = len(window) * self.global_batch_size / max(seconds, 1e-9)
         if self.needs_data and self.engine.is_first_stage():
             logs["tokens_per_second"] = tokens / max(seconds, 1e-9)
@@ -225,8 +255,9 @@ class PipelineTrainer:
             loss = self.engine.train_batch(iter(data) if data is not None else None)
             time_w += time.perf_counter() - t0
             loss = float(loss.float()) if hasattr(loss, "float") else float(loss)
-            window.append(loss)
-            losses_all.append(loss)
+            if not self.nonfinite.after_step(loss, step + 1, self._describe_stage):  # a skipped step: not averaged
+                window.append(loss)
+                losses_all.append(loss)
             tokens_w += tokens
             self.state.global_step = step + 1
             self.state.epoch = (step + 1) / self.steps_per_epoch
