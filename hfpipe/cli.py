@@ -41,6 +41,7 @@ def _verify(p: argparse.ArgumentParser):
     p.add_argument("--partition", default="parameters",
                    help="uniform | parameters | type:<regex> | comma-separated first layer of each stage")
     p.add_argument("--padding", choices=["right", "left"], default="right")
+    p.add_argument("--schedule", default="1f1b", help="pipeline schedule to verify: 1f1b | zb-h1")
     p.add_argument("--inputs", help="a .pt or .json dict of input_ids, attention_mask and label fields")
     p.add_argument("--json", action="store_true", help="print the report as JSON on the last line")
     p.add_argument("--lora-r", type=int, help="compare with peft.get_peft_model(model, LoraConfig(r=R, ...)): loss and "
@@ -63,7 +64,7 @@ def _verify(p: argparse.ArgumentParser):
         report = verify_dir(args.model, stages=args.stages, micro_batches=args.micro_batches,
                             batch_size=args.batch_size, seq_len=args.seq_len, dp=args.dp, dtype=args.dtype,
                             partition=parse_partition_method(args.partition), padding=args.padding,
-                            inputs=args.inputs, lora=lora)
+                            inputs=args.inputs, lora=lora, schedule=args.schedule)
         print(format_report(report))
         if args.json:
             _print_json_last(report)
