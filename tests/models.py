@@ -50,6 +50,10 @@ MORE_DECODERS = {
                        num_key_value_heads=2, max_position_embeddings=64, sliding_window=6),
     "mixtral": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2),
+    # one rotary table per layer type (sliding: base 1e4, full: 1e6), alternating so that each stage holds both
+    "gemma3_text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=6,
+                        layer_types=["sliding_attention", "full_attention"] * 2),
 }
 
 #: encoder-decoders (hfpipe.core.adapters.encdec): 3 encoder + 2 decoder blocks, seq2seq LM head

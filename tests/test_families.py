@@ -16,8 +16,9 @@ FAMILY_TYPES = sorted(supported_families())
 
 
 def _model_class(config):
-    """The causal LM of a decoder, the sequence classifier of an encoder."""
-    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForSequenceClassification):
+    """The seq2seq LM of an encoder-decoder, the causal LM of a decoder, the sequence classifier of an encoder."""
+    for auto in (transformers.AutoModelForSeq2SeqLM, transformers.AutoModelForCausalLM,
+                 transformers.AutoModelForSequenceClassification):
         try:
             return auto._model_mapping[type(config)]
         except KeyError:
@@ -103,3 +104,61 @@ def test_plan_cli_deberta_v2(tmp_path, capsys):
     assert [r["layers"] for r in report["stage_rows"]] in (["embed, B0-B1", "B2-B3, norm, head"],
                                                             ["embed, B0-B2", "B3, norm, head"],
                                                             ["embed, B0", "B1-B3, norm, head"])
+
+
+# ------------------------------------------------------------------ the automatic adapter: verified or refused
+def test_gemma3_verified_at_4_stages(dist_pool):
+    """Gemma 3 has one rotary embedding with a table per layer type (sliding: base 1e4, full: 1e6); it stopped with
+    ``Gemma3RotaryEmbedding.forward() missing 1 required positional argument: 'layer_type'``. Alternating layer types,
+    one block per stage (2 stages: tests/test_heads.py::test_more_pp_plan_families)."""
+    from hfpipe.verify import ModelSpec, format_report, verify
+
+    config = family_config("gemma3_text")
+    assert len(set(config.layer_types)) == 2
+    spec = ModelSpec(class_name="Gemma3ForCausalLM", config=config.to_dict(), seed=2)
+    report = verify(spec, stages=4, micro_batches=2, batch_size=4, seq_len=12, pool=dist_pool(4))
+    assert report["passed"], format_report(report)
+    assert report["loss_rel_err"] <= 1e-5 and report["max_rel_grad_err"] <= 1e-5 and report["num_params"] == 54
+
+
+def _sweep_rows():
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results",
+                        "family_sweep.json")
+    with open(path) as f:
+        return json.load(f)["rows"]
+
+
+def test_family_sweep_table_has_no_failures_and_its_refusals_happen_before_building(monkeypatch):
+    """benchmarks/family_sweep.py's table (README): no family fails; every refused one is refused by the adapter's
+    acceptance check on the meta device (before any layer is built), with its one-line reason."""
+    import os
+    import sys
+    import warnings
+
+    from hfpipe.core.adapters import pp_plan
+    from hfpipe.core.builder import prepare
+    from hfpipe.core.meta import UnsupportedModelError
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks.family_sweep import task_class, tiny_config
+
+    rows = _sweep_rows()
+    assert not [r for r in rows if r["status"] == "failed"]
+    verified = {r["model_type"] for r in rows if r["status"] == "verified"}
+    assert set(pp_plan.VERIFIED_FAMILIES) <= verified and len(verified) >= 70
+    refused = [r for r in rows if r["status"] == "refused"]
+    assert {"gemma4_text", "qwen3_next", "eurobert", "granite_swa"} <= {r["model_type"] for r in refused}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for r in refused:
+            config = tiny_config(r["model_type"])
+            with pytest.raises(UnsupportedModelError) as err:
+                prepare(config, task_class(config))
+            assert str(err.value).splitlines()[0] == r["reason"], r["model_type"]
+        # the refusal list is consulted first, for any family
+        monkeypatch.setitem(pp_plan.REFUSED_FAMILIES, "llama", "a reason given here")
+        with pytest.raises(UnsupportedModelError, match="llama is refused by the automatic base_model_pp_plan "
+                                                        "adapter: a reason given here"):
+            prepare(family_config("llama"), transformers.LlamaForCausalLM)

@@ -24,7 +24,7 @@ from hfpipe.core import partition as partition_lib
 from hfpipe.core import quantize as quantize_lib
 from hfpipe.core.adapters import get_adapter
 from hfpipe.core.costs import default_seq_len, layer_costs as estimate_costs
-from hfpipe.core.heads import Head, TiedLMHead, head_for_class, task_shell
+from hfpipe.core.heads import BaseModelOutput, Head, TiedLMHead, head_for_class, task_shell
 from hfpipe.core.layers import (AttentionHalfBlock, Block, BodyShell, Final, LayerKind, MLPHalfBlock, TokenEmbedding,
                                 supports_half_blocks)
 from hfpipe.core.meta import UnsupportedModelError, build_meta_model, is_tied
@@ -141,6 +141,8 @@ class PipelineBuilder:
             spec = TiedLayerSpec(TIE_KEY, TokenEmbedding, self, 0, forward_fn=TiedLMHead(self),
                                  tied_weight_attr=["embed.weight"])
             infos.append(LayerInfo(spec, TiedLMHead, False, 0))
+        elif self.head.base_model:  # AutoModel: the hidden states are the output
+            infos.append(LayerInfo(LayerSpec(BaseModelOutput, self, len(infos)), BaseModelOutput, False, 0))
         else:
             shell = task_shell(a)
             infos.append(LayerInfo(LayerSpec(Head, self, len(infos)), Head, False, count(shell)))

@@ -48,6 +48,8 @@ class HeadSpec:
     pipeline_tag: str | None = None
     #: An encoder-decoder's LM head (decoder inputs from shifted labels; ``hfpipe.core.adapters.encdec``).
     encoder_decoder: bool = False
+    #: A base model (``AutoModel``) without a task head: the last layer returns ``last_hidden_state``.
+    base_model: bool = False
     #: PEFT's ``task_type`` for this head (``SEQ_CLS`` makes PEFT train the classifier in full: ``modules_to_save``).
     peft_task_type: str | None = None
 
@@ -183,13 +185,38 @@ class Seq2SeqLMHead(HeadSpec):
                 "decoder_attention_mask": dec_mask}
 
 
+class BaseModelHead(HeadSpec):
+    """A base model (``AutoModel``: ``BertModel``, ``LlamaModel``, an embedding model): the pipeline returns the last
+    block's ``last_hidden_state`` (after the final norm), as the HF model does; no labels and no loss of its own (the
+    pooler, where the model has one, is kept so that its weights round-trip)."""
+
+    name, label_names, uses_pooler, pipeline_tag = "feature-extraction", (), True, "feature-extraction"
+    peft_task_type = "FEATURE_EXTRACTION"
+    #: the model is its own body (no task head around it): the last layer returns the hidden states
+    base_model = True
+
+    def outputs(self, out):
+        return out.last_hidden_state
+
+    def loss(self, outputs, labels, norm, config):
+        raise ValueError("a base model (AutoModel) returns last_hidden_state and has no loss; to train, load a task "
+                         "class (e.g. AutoModelForSequenceClassification) or pass loss_fn= to to_pipeline.")
+
+    def count_items(self, labels, seq_len=None):
+        return torch.tensor(0.0)
+
+    def random_labels(self, config, ids, mask, lengths, generator, padding):
+        return {}
+
+
 CAUSAL_LM = CausalLMHead()
 SEQUENCE_CLASSIFICATION = SequenceClassificationHead()
 TOKEN_CLASSIFICATION = TokenClassificationHead()
 QUESTION_ANSWERING = QuestionAnsweringHead()
 SEQ2SEQ_LM = Seq2SeqLMHead()
+BASE_MODEL = BaseModelHead()
 HEADS = {h.name: h for h in (CAUSAL_LM, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, QUESTION_ANSWERING,
-                             SEQ2SEQ_LM)}
+                             SEQ2SEQ_LM, BASE_MODEL)}
 
 
 def head_named(head: "HeadSpec | str") -> HeadSpec:
@@ -207,6 +234,7 @@ _MAPPINGS = (
     (TOKEN_CLASSIFICATION, modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES),
     (QUESTION_ANSWERING, modeling_auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES),
     (SEQ2SEQ_LM, modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
+    (BASE_MODEL, modeling_auto.MODEL_MAPPING_NAMES),
 )
 
 
@@ -273,6 +301,8 @@ class _StubBody(nn.Module):
 
 def task_shell(adapter) -> nn.Module:
     """Meta copy of the task model with the base model replaced by a stub: only the head's modules remain."""
+    if not adapter.base_prefix:  # a base model: no task modules around its body
+        return nn.Module()
     shell = copy_without(adapter.meta_model, {adapter.base_prefix: _StubBody()})
     return shell
 
@@ -322,6 +352,20 @@ def run_head(shell: nn.Module, adapter, builder, inputs):
     else:  # the stub ignores it; HF's heads only read its shape
         kwargs["input_ids"] = attention_mask
     return builder.head.outputs(shell(**kwargs))
+
+
+class BaseModelOutput(PipeLayer):
+    """The last layer of a base model (:class:`BaseModelHead`): ``(hidden, pooled, ...) -> last_hidden_state``; it
+    owns no parameters."""
+
+    kind = LayerKind.HEAD
+    plan_label = "head"
+
+    def hf_names(self):
+        return {}
+
+    def forward(self, inputs):
+        return inputs[0]
 
 
 class TiedLMHead(LayerTraits):

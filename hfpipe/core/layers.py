@@ -158,7 +158,7 @@ class BodyShell(PipeLayer):
     def __init__(self, builder, index: int):
         super().__init__(builder, index)
         a = self.adapter
-        self._prefix = f"{a.base_prefix}."
+        self._prefix = a.hf_prefix("")
         self.base = self._materialize(a.body_shell(), "", self._prefix)
         #: Llama, Mistral, Qwen2, ...: the decoder shell hands ``inputs_embeds`` on unchanged, and its mask and
         #: rotary work is redone by every block anyway, so it is skipped.

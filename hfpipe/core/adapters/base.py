@@ -12,6 +12,7 @@ Every module here is first built on the meta device (free); ``hfpipe.core.meta``
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -80,8 +81,9 @@ class Adapter:
         self.config = config
         self.model_class = model_class
         self.meta_model = meta_model
-        self.base_prefix = meta_model.base_model_prefix
-        self.meta_base = getattr(meta_model, self.base_prefix)
+        # a base model (``AutoModel``: BertModel, LlamaModel) is its own body, and its HF names carry no prefix
+        self.meta_base = meta_model.base_model
+        self.base_prefix = meta_model.base_model_prefix if self.meta_base is not meta_model else ""
         self.validate()
 
     # ----------------------------------------------------------------------------------------------- checks
@@ -152,9 +154,18 @@ class Adapter:
             kwargs["position_ids"] = position_ids
         rotary = getattr(block.aux, "rotary_emb", None) if hasattr(block, "aux") else None
         if rotary is not None:
+            layer_type = self.rotary_layer_type(rotary, index)
+            args = (hidden, position_ids) if layer_type is None else (hidden, position_ids, layer_type)
             kwargs["position_embeddings"] = self._per_micro_batch(
-                "rotary_emb", hidden, attention_mask, position_ids, lambda: rotary(hidden, position_ids))
+                ("rotary_emb", layer_type), hidden, attention_mask, position_ids, lambda: rotary(*args))
         return kwargs
+
+    def rotary_layer_type(self, rotary, index: int) -> str | None:
+        """``config.layer_types[index]`` for a rotary embedding with one table per layer type (Gemma 3: sliding and
+        full attention use different bases; its forward computes both and hands each block its own), else ``None``."""
+        if "layer_type" not in inspect.signature(type(rotary).forward).parameters:
+            return None
+        return self.config.layer_types[index]
 
     def _per_micro_batch(self, key, hidden, attention_mask, position_ids, compute: Callable):
         """``compute()`` once per stage and micro-batch rather than once per block, as the family's own forward does.
@@ -207,4 +218,5 @@ class Adapter:
 
     # ------------------------------------------------------------------------------------------------- naming
     def hf_prefix(self, path: str) -> str:
-        return f"{self.base_prefix}.{path}." if path else f"{self.base_prefix}."
+        prefix = f"{self.base_prefix}." if self.base_prefix else ""
+        return f"{prefix}{path}." if path else prefix
