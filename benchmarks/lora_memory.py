@@ -159,7 +159,11 @@ def markdown(result: dict) -> str:
              f"{c['vocab_size']}, tied embeddings), random init, {result['stages']} stage(s), {result['steps']} AdamW "
              f"steps, {result['micro_batches']} micro-batches of {result['micro_batch_size']} x {result['seq_len']} "
              f"tokens, {result['dtype']}; LoRA r={result['lora_r']} alpha={2 * result['lora_r']} on all-linear. "
-             f"Memory: {result['memory']}.", "", table, ""]
+             f"Memory: {result['memory']}."]
+    if (c["num_hidden_layers"], c["vocab_size"]) != (LLAMA_32_1B["num_hidden_layers"], LLAMA_32_1B["vocab_size"]):
+        lines[-1] += (" Fewer blocks / a smaller vocabulary than the 1B model: its full fine-tuning at 2 fp32 stages "
+                      "needs ~24 GB of host memory (`hfpipe plan` below), more than the machine had.")
+    lines += ["", table, ""]
     for mode, ratio in result["ratio_by_stage"].items():
         lines.append(f"Measured full fine-tuning / {mode} peak memory per stage: "
                      + ", ".join(f"stage {s} {x:.2f}x" for s, x in enumerate(ratio)) + ".")
