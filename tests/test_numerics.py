@@ -154,3 +154,38 @@ def test_trainer_refuses_nan_weights_zero_steps_and_bad_labels_and_skips(dist_po
         assert r["zero_steps"].startswith("--num_train_epochs 0 with --max_steps -1 trains 0 steps")
         assert r["bad_label"].startswith("train split: label 7 in column 'labels' is outside the 3 classes")
         assert (r["skipped"], r["steps"], r["loss_finite"]) == (1, 3, True)
+
+
+# --- export of a bf16 run --------------------------------------------------------------------------------------
+
+def rank_bf16_export(out_dir: str, export_dtype: str):
+    """Two bf16 ZeRO-1 steps; output_dir/final against the optimizer's fp32 masters."""
+    import sys
+
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from test_trainer import _args, _cls_data, _cls_model
+
+    from hfpipe import PipelineTrainer
+
+    args = _args(out_dir, 2, max_steps=2, bf16=True, learning_rate=1e-3, export_final_model=True,
+                 export_dtype=export_dtype, save_strategy="steps", save_steps=2)
+    trainer = PipelineTrainer(_cls_model(), args, train_dataset=_cls_data(16))
+    trainer.train()
+    return {name: (safe_get_full_fp32_param(p).clone(), p.detach().clone())
+            for name, p in trainer.pipe.hf_named_parameters()}
+
+
+@pytest.mark.parametrize("export_dtype", ["auto"])  # "bf16" casts the same masters (not worth a second run)
+def test_bf16_run_exports_its_fp32_masters(dist_pool, tmp_path, export_dtype):
+    from safetensors.torch import load_file
+
+    per_rank = dist_pool(2).run(rank_bf16_export, str(tmp_path), export_dtype)
+    live = {k: v for r in per_rank for k, v in r.items()}
+    saved = load_file(str(tmp_path / "final" / "model.safetensors"))
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    master, module = live[name]
+    assert module.dtype == torch.bfloat16 and not torch.equal(master, module.float())  # masters hold more bits
+    want = master if export_dtype == "auto" else master.to(torch.bfloat16)
+    assert saved[name].dtype == want.dtype and torch.equal(saved[name], want)

@@ -129,6 +129,8 @@ class PipelineTrainingArguments(TrainingArguments):
                                                               "the adapter merged in (PEFT's merge_and_unload), "
                                                               "loadable with from_pretrained."})
     plot_curves: bool = field(default=True, metadata={"help": "Write output_dir/training_curves.png at the end."})
+    export_dtype: str = field(default="auto", metadata={"help": "dtype of output_dir/final: auto (the fp32 master "
+                              "weights of a bf16/fp16 run, the weights' own dtype otherwise) | fp32 | bf16 | fp16."})
     skip_nonfinite_steps: bool = field(default=False, metadata={"help": "Skip an optimizer step whose gradients "
                                        "hold NaN/Inf (counted in the logs) instead of stopping the run with the step "
                                        "and the stage that produced it."})
@@ -153,6 +155,8 @@ class PipelineTrainingArguments(TrainingArguments):
         for name in ("num_stages", "dp"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ArgumentsError(f"--{name} {getattr(self, name)}: expected a positive number.")
+        if self.export_dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise ArgumentsError(f"--export_dtype {self.export_dtype!r}: expected auto, fp32, bf16 or fp16.")
         for name in ("learning_rate", "activation_checkpoint_interval", "weight_decay", "max_grad_norm",
                      "loss_chunk_tokens", "warmup_steps", "max_seq_length"):
             if getattr(self, name) < 0 or (name == "max_seq_length" and self.max_seq_length == 0):

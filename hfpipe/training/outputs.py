@@ -57,6 +57,8 @@ def export_model(trainer, output_dir: str, checkpoint: str | None = None) -> str
     plan = getattr(trainer.pipe.hfpipe_builder, "lora", None)
     if plan is not None:
         checkpoint = None  # the adapter from the live weights (the best checkpoint's, if loaded)
+    if exports_masters(trainer):
+        checkpoint = None  # the live fp32 masters: a checkpoint's layer files hold the bf16/fp16 weights
     if checkpoint is None:
         state = _gather_hf_state(trainer, only_adapter=plan is not None)
     base = getattr(trainer.pipe.config, "_name_or_path", None) or None
@@ -96,16 +98,35 @@ def _adapter_card(trainer, base: str | None):
     return model_card(trainer.args.hub_model_id or os.path.basename(os.path.normpath(trainer.args.output_dir)), info)
 
 
-def _gather_hf_state(trainer, only_adapter: bool = False) -> dict:
-    """Every stage's parameters by HF name on rank 0 (one replica's, fp32 under mixed precision; ``only_adapter``:
-    the LoRA adapter's tensors, under PEFT's keys); ``{}`` elsewhere."""
-    import torch.distributed as dist
+def exports_masters(trainer) -> bool:
+    """Whether the export writes the optimizer's fp32 master weights: a bf16/fp16 run with ``--export_dtype`` auto
+    or fp32 (its module weights are those masters rounded to 16 bits)."""
+    mixed = trainer.engine.bfloat16_enabled() or trainer.engine.fp16_enabled()
+    return mixed and trainer.args.export_dtype in ("auto", "fp32")
 
+
+def _gather_hf_state(trainer, only_adapter: bool = False) -> dict:
+    """Every stage's parameters by HF name on rank 0 (one replica's; ``only_adapter``: the LoRA adapter's tensors,
+    under PEFT's keys); ``{}`` elsewhere. A bf16/fp16 run gives the optimizer's fp32 masters
+    (DeepSpeed's ``safe_get_full_fp32_param``, which every data-parallel rank of a stage calls, in the same order:
+    ZeRO-1 reassembles the partitions with an all-reduce) unless ``--export_dtype`` asks for 16 bits."""
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from hfpipe.core.weights import parse_dtype
+
+    masters = exports_masters(trainer)
+    cast = None if trainer.args.export_dtype == "auto" else parse_dtype(trainer.args.export_dtype)
     params = {}
-    if trainer.dp_rank == 0:
-        mixed = trainer.engine.bfloat16_enabled() or trainer.engine.fp16_enabled()
-        params = {name: p.detach().float().cpu().clone() if mixed else p.detach().cpu().clone()
-                  for name, p in trainer.pipe.hf_named_parameters() if not only_adapter or is_adapter_key(name)}
+    for name, p in trainer.pipe.hf_named_parameters():
+        if only_adapter and not is_adapter_key(name):
+            continue
+        t = safe_get_full_fp32_param(p) if masters and p.requires_grad else None
+        if trainer.dp_rank == 0:
+            if t is None:  # not in the optimizer (frozen): its own weights, in the masters' dtype
+                t = p.detach().float() if masters and p.is_floating_point() else p.detach()
+            t = t.cpu().clone()
+            params[name] = t.to(cast) if cast is not None and t.is_floating_point() else t
     parts = [None] * trainer.world_size
     dist.all_gather_object(parts, params)
     state = {}

@@ -286,7 +286,9 @@ class PipelineTrainer:
             ckpt = None
             if args.load_best_model_at_end and self.state.best_model_checkpoint:
                 ckpt = self.state.best_model_checkpoint
-                self.engine.load_checkpoint(ckpt, load_optimizer_states=False, load_lr_scheduler_states=False)
+                # the optimizer states too where the export reads the fp32 masters they hold (bf16/fp16)
+                self.engine.load_checkpoint(ckpt, load_optimizer_states=outputs.exports_masters(self),
+                                            load_lr_scheduler_states=False)
                 result["best_model_checkpoint"] = ckpt
             elif args.save_strategy != "no":
                 if last_saved != self.state.global_step:
