@@ -12,6 +12,8 @@ from models import family_config
 
 CLASSES = {"t5": "T5ForConditionalGeneration", "mt5": "MT5ForConditionalGeneration",
            "bart": "BartForConditionalGeneration", "mbart": "MBartForConditionalGeneration", "marian": "MarianMTModel"}
+# T5 v1.1 / Flan-T5: gated GELU, no output scaling (transformers 5 always ties T5's lm_head to the shared table;
+# tie_word_embeddings=False only switches the scaling off)
 T5_V11 = dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, scale_decoder_outputs=False)
 
 # layer lists (hfpipe.core.adapters.encdec): T5  0 embed, 1 enc shell, (bias, block) x 3 at 2..7, 8 enc final,
@@ -220,3 +222,6 @@ def test_t5_tables_initialised_from_config():
     embed, bias = infos[0].spec.build(), infos[2].spec.build()
     assert float(embed.embed.weight.std()) == pytest.approx(1.0, rel=0.1)
     assert float(bias.relative_attention_bias.weight.std()) == pytest.approx(32 ** -0.5, rel=0.3)
+    block = infos[3].spec.build().layer  # T5Attention's branch: q ~ (d_model * d_kv) ** -0.5, not the Linear default
+    assert float(block.layer[0].SelfAttention.q.weight.std()) == pytest.approx((32 * 8) ** -0.5, rel=0.2)
+    assert float(block.layer[1].DenseReluDense.wo.weight.std()) == pytest.approx(64 ** -0.5, rel=0.2)

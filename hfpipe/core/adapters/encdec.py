@@ -256,6 +256,9 @@ class EncDecAdapter(Adapter):
     def bias_table(self, stack: str) -> nn.Module:
         raise NotImplementedError
 
+    def init_parents(self, layer, module: nn.Module) -> None:
+        """Family-specific init fix-up after materialising ``module`` (T5)."""
+
     def init_table(self, layer, module: nn.Module, what: str) -> None:
         """Initialise an embedding table the source did not provide, as the task model's ``_init_weights`` would
         (families whose init of a table lives in a branch for its parent module: T5)."""
@@ -320,10 +323,12 @@ def head_shell(adapter, drop_lm_head: bool = False) -> nn.Module:
     return shell
 
 
-def materialize_head(shell, adapter, builder, names, index):
+def materialize_head(shell, adapter, builder, names, index, layer=None):
     """``materialize`` the head shell, then drop the placeholders its ``_init_weights`` needed."""
     shell = materialize(shell, builder.init_owner, builder.source, names, seed=builder.layer_seed(index),
                         device=builder.device)
+    if layer is not None:
+        adapter.init_parents(layer, shell)
     for path in adapter.head_placeholders():
         setattr(shell, path, None)
     return shell
@@ -405,7 +410,7 @@ class Seq2SeqHead(PipeLayer):
         super().__init__(builder, index)
         shell = head_shell(self.adapter)
         self._names = _head_names(shell, self.adapter)
-        self.shell = materialize_head(shell, self.adapter, builder, self._names, index)
+        self.shell = materialize_head(shell, self.adapter, builder, self._names, index, layer=self)
 
     def hf_names(self):
         return {f"shell.{k}": v for k, v in self._names.items()}
@@ -466,6 +471,7 @@ class _StackBlock(_StackLayer):
             attn.relative_attention_bias = None
             attn.has_relative_attention_bias = False  # the bias always arrives as position_bias
         self.layer = self._materialize(meta, "", self._prefix)
+        a.init_parents(self, self.layer)
 
     def hf_names(self):
         return _prefixed(self.layer, "layer.", self._prefix)
@@ -586,6 +592,20 @@ class T5Adapter(EncDecAdapter):
 
     def max_source_positions(self):
         return None
+
+    def init_parents(self, layer, module: nn.Module) -> None:
+        """From a config (no weights): re-run T5's ``_init_weights`` on modules whose branch initialises their
+        children (``T5Attention`` -> q/k/v/o, ``T5DenseActDense`` -> wi/wo, the task model -> lm_head), children
+        first as HF's own init does; ``materialize`` visits parents first, so the children's generic init won."""
+        b = layer.builder
+        if b.source is not None or torch.device(b.device).type == "meta":
+            return
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            if b.seed is not None:
+                torch.manual_seed(b.layer_seed(layer.index) + 7919)
+            for sub in reversed(list(module.modules())):
+                if next(sub.children(), None) is not None and next(sub.parameters(recurse=False), None) is None:
+                    b.init_owner._init_weights(sub)
 
     def init_table(self, layer, module, what):
         # T5PreTrainedModel._init_weights initialises ``shared`` in its task-model branch and the relative-position
