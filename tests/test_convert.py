@@ -320,9 +320,7 @@ def test_training_checkpoint_resumes_at_another_stage_count(dist_pool, tmp_path)
     b = dist_pool(4).run(rank_resume, str(tmp_path / "b"), 4, str(tmp_path / "a" / "checkpoint-3"))[0]
     assert b["steps"] == list(range(1, 7)) and b["global_step"] == 6  # steps 1-3 from the restored log history
     assert b["lr"] == a["lr"]  # the LR schedule continues where it was
-    # step 4's loss is computed from the restored weights on the restored data position, before any update ...
-    assert b["loss"][3] == pytest.approx(a["loss"][3], rel=1e-6)
-    # ... and later steps differ only because the Adam moments restarted from zero
-    assert b["loss"][4] != pytest.approx(a["loss"][4], rel=1e-6)
-    assert any("saved with 2 pipeline stages and this run has 4" in w and "optimizer states" in w
-               for w in b["warnings"])
+    # the restored weights, data position and (resharded, hfpipe.training.reshard) Adam moments give the
+    # uninterrupted curve, and nothing warns of a reset
+    assert b["loss"][3:] == pytest.approx(a["loss"][3:], rel=1e-6)
+    assert not any("optimizer states" in w for w in b["warnings"])
