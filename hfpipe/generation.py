@@ -25,7 +25,8 @@ from typing import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
-from transformers.cache_utils import DynamicCache
+from transformers import masking_utils
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
@@ -44,12 +45,7 @@ class _Stage:
         self.pipe = pipe
         self.adapter = pipe.adapter
         self.config = pipe.config
-        if not self.adapter.causal:
-            raise ValueError(f"generation needs a decoder; {self.adapter.model_class.__name__} is an encoder "
-                             "(bidirectional attention). Use a *ForCausalLM model.")
-        if not pipe.head.causal:
-            raise ValueError(f"generation needs a causal-LM head; this pipeline has a {pipe.head.name!r} head. Build "
-                             "it from AutoModelForCausalLM.")
+        self._check(pipe)
         topo = pipe._topo
         self.num_stages = topo.get_dim("pipe")
         coord = topo.get_coord(pipe.global_rank)._asdict()
@@ -63,6 +59,17 @@ class _Stage:
         self.device = params[0].device if params else torch.device("cpu")
         self.cache = None
         self._shell_takes_positions = None
+
+    def _check(self, pipe) -> None:
+        if self.adapter.encoder_decoder:
+            raise ValueError(f"{self.adapter.model_class.__name__} is an encoder-decoder; hfpipe.generation.generate "
+                             "runs it through _Seq2SeqStage (call generate(), not _Stage).")
+        if not self.adapter.causal:
+            raise ValueError(f"generation needs a decoder; {self.adapter.model_class.__name__} is an encoder "
+                             "(bidirectional attention). Use a *ForCausalLM model.")
+        if not pipe.head.causal:
+            raise ValueError(f"generation needs a causal-LM head; this pipeline has a {pipe.head.name!r} head. Build "
+                             "it from AutoModelForCausalLM.")
 
     # -------------------------------------------------------------------------------------------- communication
     def send_hidden(self, hidden: torch.Tensor) -> None:
@@ -197,8 +204,13 @@ def _warpers(temperature: float, top_k: int | None, top_p: float | None) -> Logi
 def generate(model, inputs, attention_mask: torch.Tensor | None = None, *, max_new_tokens: int = 64,
              do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | Iterable[int] | None = None, pad_token_id: int | None = None,
-             seed: int | None = None, use_cache: bool = True) -> torch.Tensor:
+             seed: int | None = None, use_cache: bool = True, num_beams: int = 1,
+             decoder_start_token_id: int | None = None) -> torch.Tensor:
     """Decode through the pipeline; call it on **every rank** of a replica with that replica's batch.
+
+    Encoder-decoders (T5, BART, ...): ``inputs`` is the source (padded on either side); the encoder runs once, then
+    each decoder stage keeps an ``EncoderDecoderCache`` (self-attention and cross-attention caches) for its blocks.
+    Returns ``[B, 1 + n]``: ``decoder_start_token_id`` then the generated tokens, as ``model.generate``.
 
     Args:
         model: the ``HFPipelineModule`` (from ``to_pipeline``) or its DeepSpeed ``PipelineEngine``.
@@ -219,8 +231,17 @@ def generate(model, inputs, attention_mask: torch.Tensor | None = None, *, max_n
     if isinstance(inputs, Mapping):
         return generate_continuations(model, inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                       temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-                                      pad_token_id=pad_token_id, seed=seed, use_cache=use_cache)
+                                      pad_token_id=pad_token_id, seed=seed, use_cache=use_cache, num_beams=num_beams)
     pipe = _unwrap(model)
+    if num_beams != 1:
+        raise ValueError(f"num_beams={num_beams}: beam search is not implemented through the pipeline (each stage "
+                         "would have to reorder its caches by the last stage's beam choice every step); use "
+                         "num_beams=1 (greedy) or do_sample=True.")
+    if pipe.adapter.encoder_decoder:
+        return _generate_seq2seq(pipe, inputs, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                 warpers=_warpers(temperature, top_k, top_p) if do_sample else None,
+                                 eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
+                                 decoder_start_token_id=decoder_start_token_id)
     stage = _Stage(pipe)
     config = pipe.config
     input_ids = inputs.to(stage.device)
@@ -323,8 +344,133 @@ def generate_continuations(model, batch: Mapping[str, torch.Tensor], *, max_new_
         eos = _as_list(kwargs.get("eos_token_id") if kwargs.get("eos_token_id") is not None else config.eos_token_id)
         pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
         kwargs["pad_token_id"] = pad
-    ids, mask = prompts_from_batch(batch, pad)
-    out = generate(pipe, ids, mask, max_new_tokens=max_new_tokens, **kwargs)[:, ids.shape[1]:]
+    if pipe.adapter.encoder_decoder:  # the source is the prompt; the output starts with decoder_start_token_id
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask", torch.ones_like(ids))
+        out = generate(pipe, ids, mask, max_new_tokens=max_new_tokens, **kwargs)[:, 1:]
+    else:
+        ids, mask = prompts_from_batch(batch, pad)
+        out = generate(pipe, ids, mask, max_new_tokens=max_new_tokens, **kwargs)[:, ids.shape[1]:]
     if out.shape[1] < max_new_tokens:
         out = torch.cat([out, out.new_full((out.shape[0], max_new_tokens - out.shape[1]), pad)], dim=-1)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ encoder-decoders
+class _Seq2SeqStage(_Stage):
+    """This rank's part of an encoder-decoder (``hfpipe.core.adapters.encdec``): the encoder pass hands the encoder
+    output down the replica's stages (every decoder stage needs it for cross-attention); each decode step then runs
+    the decoder layers on the new token with this stage's ``EncoderDecoderCache``, blocks called as the decoder
+    stack's forward calls them during HF ``generate`` (masks sized by the block's own cache layer, T5's bias for the
+    new query position from HF's ``compute_bias``)."""
+
+    def _check(self, pipe) -> None:
+        if not pipe.head.encoder_decoder:
+            raise ValueError(f"generation needs a seq2seq LM head; this pipeline has a {pipe.head.name!r} head.")
+
+    def encode(self, input_ids, attention_mask):
+        """The encoder's output on every stage of the replica (``None`` before the encoder ends)."""
+        a = self.adapter
+        enc = None if self.is_first else self.recv_hidden()
+        empty = torch.zeros(input_ids.shape[0], 0, a.config.d_model, dtype=self.dtype, device=self.device)
+        empty_mask = torch.zeros(input_ids.shape[0], 0, dtype=torch.long, device=self.device)
+        x = (enc, attention_mask, empty, empty_mask)
+        for info, func in self.layers:
+            stack = getattr(info.layer, "stack", None)
+            if info.kind is LayerKind.EMBEDDING and stack is None:
+                x = (a.token_embeds("encoder", func.embed, input_ids), *x[1:])
+            elif stack == "encoder":  # shell, bias + block, final: their own forwards on the encoder half
+                x = func(x)
+        enc = x[0]
+        if not self.is_last:
+            self.send_hidden(enc)
+        self.encoder_hidden, self.encoder_mask = enc, attention_mask
+        self.history = []  # decoder embeddings so far (the decoder shell's positions run over the whole sequence)
+
+    def decode(self, x, decoder_mask):
+        """One decode step on this stage: ``x`` is the new token ids (first stage) or the previous stage's hidden
+        state; ``decoder_mask`` the full decoder mask (past + new). Returns the hidden state, or logits."""
+        a = self.adapter
+        enc, enc_mask = self.encoder_hidden, self.encoder_mask
+        past = decoder_mask.shape[1] - 1
+        config = a.stack("decoder").config
+        bias = None
+        for info, func in self.layers:
+            layer, stack = info.layer, getattr(info.layer, "stack", None)
+            if layer.kind is LayerKind.EMBEDDING and stack is None:
+                x = a.token_embeds("decoder", func.embed, x)
+            elif stack == "encoder":
+                continue
+            elif layer.kind is LayerKind.EMBEDDING:  # decoder shell: per token, so the last row is the new token's
+                self.history.append(x)
+                seq = torch.cat(self.history, dim=1)
+                x = a.shell_forward("decoder", func.shell, seq, torch.ones(seq.shape[:2], dtype=torch.long,
+                                                                           device=seq.device))[:, -1:]
+            elif layer.kind is LayerKind.PRELUDE:
+                bias = func.bias(x.shape[1], past + x.shape[1], past)
+            elif layer.kind is LayerKind.BLOCK:
+                idx = func.block_index
+                self_mask = masking_utils.create_causal_mask(
+                    config=config, inputs_embeds=x, attention_mask=decoder_mask, cache=self.cache.self_attention_cache,
+                    layer_idx=idx)
+                cross = masking_utils.create_bidirectional_mask(config=config, inputs_embeds=x,
+                                                                attention_mask=enc_mask, encoder_hidden_states=enc)
+                x = a.decoder_block(func.layer, x, self_mask, enc, cross, bias, cache=self.cache)
+                bias = None
+            elif layer.kind is LayerKind.FINAL:
+                x = func((enc, enc_mask, x, decoder_mask))[2]
+            elif layer.kind is LayerKind.HEAD:
+                x = func((enc, enc_mask, x, decoder_mask))
+        return x[:, -1] if self.is_last else x
+
+
+def _generate_seq2seq(pipe, input_ids, attention_mask, *, max_new_tokens, do_sample, warpers, eos_token_id,
+                      pad_token_id, seed, decoder_start_token_id):
+    """:func:`generate` for an encoder-decoder: greedy (or sampled) decoding equal to ``model.generate``'s."""
+    stage = _Seq2SeqStage(pipe)
+    config = pipe.config
+    start = decoder_start_token_id if decoder_start_token_id is not None else getattr(
+        config, "decoder_start_token_id", None)
+    if start is None:
+        raise ValueError(f"{pipe.adapter.model_class.__name__} has no decoder_start_token_id: generation starts every "
+                         "target with it. Pass decoder_start_token_id= (mBART: the target language code) or set "
+                         "config.decoder_start_token_id.")
+    input_ids = input_ids.to(stage.device)
+    batch = input_ids.shape[0]
+    attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(stage.device).long()
+    eos = _as_list(eos_token_id if eos_token_id is not None else config.eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    generator = torch.Generator(device=stage.device).manual_seed(seed) if do_sample and seed is not None else None
+    was_training = pipe.training
+    pipe.eval()
+    try:
+        stage.encode(input_ids, attention_mask)
+        dec_config = pipe.adapter.stack("decoder").config
+        stage.cache = EncoderDecoderCache(DynamicCache(config=dec_config), DynamicCache(config=dec_config))
+        out_ids = torch.full((batch, 1), int(start), dtype=torch.long, device=stage.device)
+        unfinished = torch.ones(batch, dtype=torch.bool, device=stage.device)
+        for _ in range(max_new_tokens):
+            x = out_ids[:, -1:] if stage.is_first else stage.recv_hidden()
+            out = stage.decode(x, torch.ones_like(out_ids))
+            tokens = None
+            if stage.is_last:
+                logits = out.to(torch.float32)
+                if do_sample:
+                    probs = torch.softmax(warpers(out_ids, logits), dim=-1)
+                    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                else:
+                    tokens = logits.argmax(dim=-1)
+                tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad_token_id))
+            else:
+                stage.send_hidden(out)
+            tokens = stage.share_tokens(tokens, batch)
+            out_ids = torch.cat([out_ids, tokens[:, None]], dim=-1)
+            if eos:
+                unfinished &= ~torch.isin(tokens, torch.tensor(eos, device=tokens.device))
+            if not bool(unfinished.any()):
+                break
+    finally:
+        stage.cache = None
+        pipe.train(was_training)
+    return out_ids
