@@ -262,8 +262,12 @@ def run_recipe(task_class: Callable[..., Task], data_args_class, name: str, defa
     with failfast.before_model_load():
         model_args, data_args, args = recipe_arguments(data_args_class, name, defaults or {},
                                                        embedded_defaults or {}, argv)
-        if not (args.do_train or args.do_eval or args.do_predict):
-            args.do_train = args.do_eval = True  # a recipe run with no --do_* flag trains and evaluates
+        from hfpipe.training.arguments import explicit_fields
+
+        if not explicit_fields(args) & {"do_train", "do_eval", "do_predict"}:
+            # no --do_* flag typed: train and evaluate (HF's TrainingArguments turns do_eval on by itself whenever
+            # an eval_strategy is set, which must not stop a plain `python recipe.py` from training)
+            args.do_train = args.do_eval = True
         failfast.check_config(args)
         task = task_class(data_args)
         raw = task.load_raw()
