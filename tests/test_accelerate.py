@@ -92,7 +92,8 @@ def test_yaml_pointing_to_deepspeed_json_with_pipeline_section(tmp_path):
     del cfg["mixed_precision"]  # as `accelerate config` writes it with a deepspeed_config_file
     open(path, "w").write(yaml.safe_dump(cfg))
     ds, src = resolve(accelerate_config=path)
-    assert ds["pipeline"] == {"stages": 2, "partition": "uniform", "activation_checkpoint_interval": 1}
+    assert ds["pipeline"] == {"stages": 2, "partition": "uniform", "activation_checkpoint_interval": 1,
+                              "schedule": "1f1b"}
     assert src["partition_method"] == src["gradient_accumulation_steps"] == src["bf16"] == f"deepspeed json {js}"
     assert ds["bf16"]["enabled"] is True and ds["zero_optimization"]["stage"] == 1
     with pytest.raises(ConfigError, match=rf"--deepspeed .*cpu_fp32.json disagrees with deepspeed_config_file={js} "
@@ -104,7 +105,8 @@ def test_yaml_pipeline_section(tmp_path):
     pipeline = {"num_stages": 4, "partition_method": "parameters", "activation_checkpoint_interval": 2}
     path = write_yaml(tmp_path, "bf16", {"zero_stage": 1, "pipeline": pipeline}, num_processes=8)
     ds, src = resolve(accelerate_config=path, world=8, per_device_train_batch_size=1)
-    assert ds["pipeline"] == {"stages": 4, "partition": "parameters", "activation_checkpoint_interval": 2}
+    assert ds["pipeline"] == {"stages": 4, "partition": "parameters", "activation_checkpoint_interval": 2,
+                              "schedule": "1f1b"}
     assert src["num_stages"] == src["partition_method"] == f"accelerate config {path}"
     assert ds["train_batch_size"] == 1 * 1 * 2  # 8 processes / 4 stages = 2 replicas
     with pytest.raises(ConfigError, match="num_stages: 8 from command line --num_stages 8 disagrees with 4"):

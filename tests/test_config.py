@@ -31,7 +31,8 @@ def test_defaults_fill_a_runnable_fp32_config():
                                                            "adam_w_mode": True}}
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
     assert ds["zero_optimization"]["stage"] == 0 and ds["gradient_clipping"] == 1.0
-    assert ds["pipeline"] == {"stages": 4, "partition": "balanced", "activation_checkpoint_interval": 0}
+    assert ds["pipeline"] == {"stages": 4, "partition": "balanced", "activation_checkpoint_interval": 0,
+                              "schedule": "1f1b"}
     assert src["lr"] == "default" and src["train_batch_size"] == "derived"
     assert src["num_stages"] == "default (all 4 processes)"
 

@@ -34,9 +34,9 @@ def test_num_stages_exceeds_blocks():
 
 
 def test_unknown_model_type_lists_supported_and_how_to_register():
-    config = transformers.AutoConfig.for_model("t5", vocab_size=128, d_model=32, d_ff=64, num_layers=2, num_heads=4)
-    with pytest.raises(UnsupportedModelError, match=r"'t5' is not supported.*llama.*register_adapter"):
-        prepare(config, transformers.T5EncoderModel)
+    config = transformers.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    with pytest.raises(UnsupportedModelError, match=r"'vit' is not supported.*llama.*register_adapter"):
+        prepare(config, transformers.AutoModelForImageClassification)
 
 
 def _to_pipeline_error(num_stages: int) -> str:
