@@ -363,9 +363,9 @@ class SharedEmbedding(PipeLayer):
         super().__init__(builder, index)
         a = self.adapter
         self._prefix = a.hf_prefix(a.shared_path)
+        self.head = None  # before init_table, which asks hf_names()
         self.embed = self._materialize(builder.meta_copy(a.shared), "", self._prefix)
         a.init_table(self, self.embed, "shared")
-        self.head = None
         if builder.tied:
             shell = head_shell(a, drop_lm_head=True)
             self._head_names = _head_names(shell, a)
