@@ -15,7 +15,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q --durations=25 tests
 
 demo: $(STAMP)
 	deepspeed --num_gpus $(NUM_RANKS) recipes/finetune_qa.py
