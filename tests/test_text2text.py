@@ -122,6 +122,7 @@ def test_causal_lm_reads_text_files_and_holds_out_validation(tmp_path):
     task = CausalLMTask(CausalLMDataArguments(train_file=str(tmp_path / "docs.txt"), validation_split_percentage=10))
     raw = task.load_raw()
     assert (len(raw["train"]), len(raw["validation"])) == (36, 4) and raw["train"].column_names == ["text"]
+    (tmp_path / "dev.csv").write_text("text\nheld out\n")  # exists: the formats, not the file, are wrong
     with pytest.raises(ValueError, match="one format"):
         CausalLMTask(CausalLMDataArguments(train_file=str(tmp_path / "docs.txt"),
                                            validation_file=str(tmp_path / "dev.csv"))).load_raw()
