@@ -49,3 +49,28 @@ def run_recipe(recipe: str, out, *flags: str) -> dict:
             "--export_final_model", "false", "--report_to", "none", "--disable_tqdm", "true", *flags])
     with open(os.path.join(out, "eval_results.json")) as f:
         return json.load(f)
+
+
+def _recipe_main(path: str, argv: list[str]) -> None:
+    """A recipe's ``main()`` as ``python path *argv`` would run it, in a rank of a pool."""
+    import runpy
+    import sys
+
+    saved = sys.argv
+    sys.argv = [path, *argv]
+    try:
+        runpy.run_path(path)["main"]()
+    finally:
+        sys.argv = saved
+
+
+def run_recipe_in_pool(pool, recipe: str, out, *flags: str) -> dict:
+    """Like :func:`run_recipe`, but on the ranks of a test pool (``dist_pool(2)``) instead of a fresh ``deepspeed``
+    launch: the recipe's own ``main()`` on the same command line, without the ~10 s a launch spends starting Python,
+    importing torch/DeepSpeed/transformers and building the process groups on each rank. Tests of the launchers
+    themselves (the demo's command, accelerate, multi-node) still launch."""
+    path = os.path.join(ROOT, "recipes", f"{recipe}.py")
+    pool.run(_recipe_main, path, ["--output_dir", str(out), "--export_final_model", "false", "--report_to", "none",
+                                  "--disable_tqdm", "true", *flags])
+    with open(os.path.join(out, "eval_results.json")) as f:
+        return json.load(f)

@@ -39,9 +39,14 @@ def check(report):
     assert report["max_rel_grad_err"] <= 1e-5 and report["loss_rel_err"] <= 1e-5
 
 
-@pytest.mark.parametrize("padding", ["right", "left"])
-@pytest.mark.parametrize("head", ["sequence-classification", "token-classification", "question-answering"])
-@pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen2", "bert", "distilbert", "deberta-v2", "roberta"])
+HEAD_FAMILIES = ["llama", "gpt2", "qwen2", "bert", "distilbert", "deberta-v2", "roberta"]
+HEADS = ["sequence-classification", "token-classification", "question-answering"]
+# every family with every head; the padding side alternates over that grid (each family and each head meets both
+# sides) instead of doubling it: the two sides differ only in where the mask is, not in the head
+HEAD_CASES = [(m, h, ("right", "left")[(i + j) % 2]) for i, m in enumerate(HEAD_FAMILIES) for j, h in enumerate(HEADS)]
+
+
+@pytest.mark.parametrize("model_type, head, padding", HEAD_CASES)
 def test_heads_match_hf(dist_pool, model_type, head, padding):
     check(verify(spec(model_type, head), stages=2, micro_batches=2, batch_size=8, seq_len=12, padding=padding,
                  pool=dist_pool(2)))
@@ -321,6 +326,8 @@ def test_manual_partition_errors():
 # -------------------------------------------------------------------------------------------------- verify CLI
 @pytest.mark.launches
 def test_verify_cli_json(tmp_path):
+    """`hfpipe verify FOLDER --inputs batch.json --lora-r ... --json` in its own process (ranks of its own): a batch of
+    one's own, LoRA flags and the JSON report in one run (one launch, not one per flag)."""
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama"))
     model.save_pretrained(tmp_path / "m")
@@ -330,13 +337,16 @@ def test_verify_cli_json(tmp_path):
     (tmp_path / "batch.json").write_text(json.dumps(batch))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     out = subprocess.run([sys.executable, "-m", "hfpipe.cli", "verify", str(tmp_path / "m"), "--stages", "2",
-                          "--micro-batches", "2", "--inputs", str(tmp_path / "batch.json"), "--json"],
+                          "--micro-batches", "2", "--inputs", str(tmp_path / "batch.json"), "--lora-r", "8",
+                          "--lora-target-modules", "q_proj,v_proj", "--json"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["passed"] and report["stages"] == 2 and report["batch_size"] == 2
     assert report["loss_pipeline"] == pytest.approx(report["loss_hf"], rel=1e-5)
     assert report["max_rel_grad_err"] <= 1e-5
+    assert report["lora"] == {"r": 8, "lora_alpha": 8, "task_type": "CAUSAL_LM", "target_modules": ["q_proj", "v_proj"]}
+    assert report["num_params"] == 4 * 2 * 2 and report["trainable_pipeline"] == report["trainable_hf"]
     assert "PASSED" in out.stdout
 
 
@@ -379,8 +389,14 @@ def saved_models(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("stages", [1, 2, 4])
-@pytest.mark.parametrize("model_type", sorted(FAMILY_HEADS))
+# each family once, at the stage count that tests it most: 4 where a family has several kinds of block boundary
+# (decoders with rotary or learned positions, the encoders with extra embeddings); 1 for one family (the no-pipeline
+# path); 2 for the rest. Every stage count is also run per family by test_equivalence.
+SAVED_STAGES = {"llama": 4, "gpt2": 4, "gemma": 2, "mistral": 2, "qwen2": 1, "gpt_neox": 2, "opt": 4, "bert": 2,
+                "roberta": 4, "distilbert": 2, "deberta-v2": 4}
+
+
+@pytest.mark.parametrize("model_type, stages", sorted(SAVED_STAGES.items()))
 def test_verify_saved_folder(dist_pool, saved_models, model_type, stages):
     from hfpipe.verify import verify_dir
 

@@ -30,16 +30,18 @@ def model_spec(model_type, head="causal-lm", **overrides):
     return ModelSpec(class_name=cls.__name__, config=config.to_dict(), seed=1)
 
 
-# (model type, head, config overrides, target_modules, stages, activation checkpointing)
+# (model type, head, config overrides, target_modules, stages, activation checkpointing): each stage count and each
+# kind of cut (tied embedding/head across stages, a classifier PEFT trains in full) meets LoRA somewhere, not every
+# family at every count (test_equivalence does that without LoRA)
 CASES = {
-    "llama-default": ("llama", "causal-lm", {}, None, [1, 2, 4], 0),
-    "llama-tied": ("llama", "causal-lm", {"tie_word_embeddings": True}, ["q_proj", "v_proj"], [2, 4], 0),
+    "llama-default": ("llama", "causal-lm", {}, None, [1, 4], 0),
+    "llama-tied": ("llama", "causal-lm", {"tie_word_embeddings": True}, ["q_proj", "v_proj"], [4], 0),
     "llama-checkpointing": ("llama", "causal-lm", {}, "all-linear", [2], 1),
-    "qwen2-all-linear": ("qwen2", "causal-lm", {}, "all-linear", [1, 2], 0),
-    "gpt2-conv1d": ("gpt2", "causal-lm", {}, None, [1, 2], 0),
+    "qwen2-all-linear": ("qwen2", "causal-lm", {}, "all-linear", [2], 0),
+    "gpt2-conv1d": ("gpt2", "causal-lm", {}, None, [2], 0),
     "mixtral": ("mixtral", "causal-lm", {}, ["q_proj", "k_proj", "o_proj"], [2], 0),
-    "bert-seq-cls": ("bert", "sequence-classification", {}, None, [1, 2], 0),
-    "deberta-v2-seq-cls": ("deberta-v2", "sequence-classification", {}, None, [2], 0),
+    "bert-seq-cls": ("bert", "sequence-classification", {}, None, [2], 0),
+    "deberta-v2-seq-cls": ("deberta-v2", "sequence-classification", {}, None, [1], 0),
 }
 
 
@@ -163,26 +165,6 @@ def test_peft_model_and_peft_config_together_is_refused():
     peft_model = get_peft_model(model, LoraConfig(r=2))
     with pytest.raises(LoraConfigError, match="already carries its config"):
         prepare(peft_model, peft_config=LoraConfig(r=2))
-
-
-# ------------------------------------------------------------------------------------------------------ CLI
-@pytest.mark.launches
-def test_verify_cli_lora_json(tmp_path):
-    import json
-    import subprocess
-
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(family_config("llama")).save_pretrained(tmp_path / "m")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    out = subprocess.run([sys.executable, "-m", "hfpipe.cli", "verify", str(tmp_path / "m"), "--stages", "2",
-                          "--micro-batches", "2", "--batch-size", "4", "--seq-len", "10", "--lora-r", "8",
-                          "--lora-target-modules", "q_proj,v_proj", "--json"],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stdout + out.stderr
-    report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert report["passed"] and report["max_rel_grad_err"] <= 1e-5 and report["loss_rel_err"] <= 1e-5
-    assert report["lora"] == {"r": 8, "lora_alpha": 8, "task_type": "CAUSAL_LM", "target_modules": ["q_proj", "v_proj"]}
-    assert report["num_params"] == 4 * 2 * 2 and report["trainable_pipeline"] == report["trainable_hf"]
 
 
 def test_modules_to_save_on_a_whole_layer_is_refused():

@@ -277,8 +277,12 @@ def run_recipe(task_class: Callable[..., Task], data_args_class, name: str, defa
 
 
 def _run(task, raw, model_args, data_args, args, build) -> dict:
+    import torch.distributed as dist
+
     from hfpipe.training import checkpointing
     from hfpipe.training.trainer import PipelineTrainer
+
+    joined_here = not (dist.is_available() and dist.is_initialized())  # else the caller's group: left to the caller
 
     model, tokenizer = build(task, raw, model_args, args.seed)
     train_ds, eval_ds = task.prepare(tokenizer, raw, args.max_seq_length)
@@ -306,7 +310,8 @@ def _run(task, raw, model_args, data_args, args, build) -> dict:
         trainer.save_metrics("eval", metrics)
     if args.do_predict:
         _predict(trainer, task, tokenizer, raw, args, eval_ds)
-    _end_processes()
+    if joined_here:
+        _end_processes()
     return metrics
 
 
