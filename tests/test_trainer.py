@@ -1,6 +1,7 @@
 """PipelineTrainer on gloo ranks: one prediction per eval example (p=1, p=2, pp=2 x dp=2, uneven tail), exact resume,
 the same loss curve as HF ``Trainer``, LR schedule values, and early config errors."""
 
+import functools
 import glob
 import os
 import shutil
@@ -119,20 +120,24 @@ class EventRecorder:
         return record
 
 
-def rank_lm_train(out_dir: str, loss_chunk_tokens: int = 0):
+def rank_lm_train(out_dir: str, loss_chunk_tokens: int = 0, outputs: bool = True):
+    """``outputs=False``: training and evaluation only (no TensorBoard, curves or exported folders)."""
     from hfpipe import PipelineTrainer
 
     # evaluation every 2 steps with a different micro-batch size (3) than training (2): the engine's buffers must be
     # reset around it, or training after it breaks (the HF comparison would catch it)
+    extra = dict(export_final_model=True, report_to=["tensorboard"], plot_curves=True) if outputs else \
+        dict(export_final_model=False, report_to=[])
     args = _args(out_dir, 2, per_device_train_batch_size=2, gradient_accumulation_steps=4, max_steps=4,
                  learning_rate=1e-3, weight_decay=0.1, warmup_steps=1, train_sampling_strategy="sequential",
-                 export_final_model=True, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=3,
-                 report_to=["tensorboard"], plot_curves=True, loss_chunk_tokens=loss_chunk_tokens)
+                 eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=3,
+                 loss_chunk_tokens=loss_chunk_tokens, **extra)
     recorder = EventRecorder()
     trainer = PipelineTrainer(_lm_model(), args, train_dataset=_lm_data(8), eval_dataset=_lm_data(5, seed=3),
                               callbacks=[recorder])
     trainer.train()
-    trainer.export_model(os.path.join(out_dir, "live"))  # from the live weights (no checkpoint)
+    if outputs:
+        trainer.export_model(os.path.join(out_dir, "live"))  # from the live weights (no checkpoint)
     hist = [h for h in trainer.state.log_history if "loss" in h]
     return {"loss": [h["loss"] for h in hist], "lr": [h["learning_rate"] for h in hist],
             "grad_norm": [h["grad_norm"] for h in hist], "events": recorder.events,
@@ -224,21 +229,26 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(dist_pool, tmp_path):
     assert read_state(str(ckpt))["data_position"] == {"epoch": 0, "batch_in_epoch": 3, "examples_seen": 12}
 
 
-@pytest.mark.parametrize("loss_chunk_tokens", [0, 5])
-def test_pipeline_trainer_matches_hf_trainer(dist_pool, tmp_path, loss_chunk_tokens):
-    """Also with the chunked causal-LM loss (--loss_chunk_tokens 5: chunks of 2 rows x 2 positions)."""
-    from transformers import LlamaForCausalLM, Trainer, TrainingArguments
+@functools.lru_cache(maxsize=1)
+def _hf_trainer_reference(tmp: str):
+    """HF Trainer on the same model and data (one batch of 8, seen 4 times): ``(model, log rows, eval loss)``; run
+    once for both tests that compare with it."""
+    from transformers import Trainer, TrainingArguments
 
-    pipe = dist_pool(2).run(rank_lm_train, str(tmp_path / "pipe"), loss_chunk_tokens)[0]
-    hf_args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, max_steps=4,
+    hf_args = TrainingArguments(output_dir=os.path.join(tmp, "hf"), per_device_train_batch_size=8, max_steps=4,
                                 learning_rate=1e-3, weight_decay=0.1, warmup_steps=1, lr_scheduler_type="linear",
                                 logging_steps=1, optim="adamw_torch", report_to="none", use_cpu=True,
                                 save_strategy="no", train_sampling_strategy="sequential", max_grad_norm=1.0,
                                 seed=0, disable_tqdm=True)
     hf_model = _lm_model()
-    trainer = Trainer(model=hf_model, args=hf_args, train_dataset=_lm_data(8))  # one batch, seen 4 times
+    trainer = Trainer(model=hf_model, args=hf_args, train_dataset=_lm_data(8))
     trainer.train()
     hist = [h for h in trainer.state.log_history if "loss" in h]
+    return hf_model, hist, trainer.evaluate(_lm_data(5, seed=3))["eval_loss"]
+
+
+def _assert_matches_hf(pipe, tmp_path_factory):
+    hf_model, hist, hf_eval = _hf_trainer_reference(str(tmp_path_factory.getbasetemp()))
     hf_loss = [h["loss"] for h in hist]
     assert len(hf_loss) == 4 and hf_loss[0] > hf_loss[-1]
     torch.testing.assert_close(torch.tensor(pipe["loss"]), torch.tensor(hf_loss), rtol=1e-5, atol=1e-6)
@@ -247,9 +257,21 @@ def test_pipeline_trainer_matches_hf_trainer(dist_pool, tmp_path, loss_chunk_tok
     torch.testing.assert_close(torch.tensor(pipe["grad_norm"]), torch.tensor([h["grad_norm"] for h in hist]),
                                rtol=1e-5, atol=1e-6)
     # eval loss at step 4 (after the 4th update) equals HF's on the 5 eval examples (batch-size-weighted mean)
-    hf_eval = trainer.evaluate(_lm_data(5, seed=3))["eval_loss"]
     assert [s for s, _ in pipe["eval"]] == [2, 4]
     assert pipe["eval"][-1][1] == pytest.approx(hf_eval, rel=1e-5)
+    return hf_model
+
+
+def test_chunked_loss_trainer_matches_hf_trainer(dist_pool, tmp_path, tmp_path_factory):
+    """--loss_chunk_tokens 5 (chunks of 2 rows x 2 positions): the same losses, norms and eval loss as HF's."""
+    _assert_matches_hf(dist_pool(2).run(rank_lm_train, str(tmp_path / "pipe"), 5, False)[0], tmp_path_factory)
+
+
+def test_pipeline_trainer_matches_hf_trainer(dist_pool, tmp_path, tmp_path_factory):
+    from transformers import LlamaForCausalLM
+
+    pipe = dist_pool(2).run(rank_lm_train, str(tmp_path / "pipe"))[0]
+    hf_model = _assert_matches_hf(pipe, tmp_path_factory)
     # logging: callbacks in TrainerCallback order, JSONL, TensorBoard events, PNG curve
     names = [e for e, _ in pipe["events"]]
     assert names[:3] == ["on_init_end", "on_train_begin", "on_epoch_begin"] and names[-1] == "on_train_end"
