@@ -255,7 +255,7 @@ def fix_stage_cost(pipe, t_forward: float, t_backward: float) -> _StageClock:
 
     def forward(x):
         clock.forward_start = time.perf_counter()
-        if pipe.stage_id > 0:
+        if pipe.stage_id > 0 or getattr(pipe, "active_chunk", 0):  # a received input (DualPipeV: rank 0's chunk 1)
             x = _through(_PadBackward, x, clock)
         return _through(_PadForward, inner(x), clock)
 

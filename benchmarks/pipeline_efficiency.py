@@ -38,7 +38,7 @@ TARGET_OVERHEAD_MS = 1.0  # hfpipe - bare, per schedule slot (one forward + one 
 #: bare-tuple / bare-packed: the hand-written module also sending an int64 mask and positions (as two tensors /
 #: stacked in one), which is what hfpipe sent between stages before it packed the mask into the hidden states.
 #: hfpipe-<schedule>: hfpipe trained with another schedule of hfpipe.schedules (hfpipe itself runs DeepSpeed's 1F1B)
-SCHEDULE_VARIANTS = ("hfpipe-zb-h1",)
+SCHEDULE_VARIANTS = ("hfpipe-zb-h1", "hfpipe-dualpipev")
 VARIANTS = ("bare", "bare-tuple", "bare-packed", "hfpipe") + SCHEDULE_VARIANTS
 COSTS = ("fixed", "sleep")
 
@@ -85,11 +85,15 @@ def _build(variant: str, num_stages: int, num_micro_batches: int, t_forward: flo
            seq_len: int, micro_batch_size: int, seed: int, cost: str = "fixed", t_weight: float | None = None):
     """One pipeline engine whose stage has the fixed cost (``cost``, see the module docstring), and its
     micro-batches. A split-backward schedule (``hfpipe-zb-h1``) takes ``t_backward - t_weight`` for B and
-    ``t_weight`` for W (the first stage, whose W is its whole backward, ``t_backward``)."""
+    ``t_weight`` for W (the first stage, whose W is its whole backward, ``t_backward``). ``hfpipe-dualpipev``: the
+    model has two blocks per rank, one per chunk, and each chunk's forward / backward takes half of
+    ``t_forward`` / ``t_backward`` (a rank's work per micro-batch is the same as a 1F1B stage's)."""
     import deepspeed
     import torch
 
-    config = tiny_llama_config(num_stages)
+    schedule = variant[len("hfpipe-"):] if variant in SCHEDULE_VARIANTS else None
+    v_shape = schedule == "dualpipev"
+    config = tiny_llama_config(num_stages, 2 if v_shape else 1)
     torch.manual_seed(seed)
     ids = torch.randint(1, config.vocab_size, (micro_batch_size * num_micro_batches, seq_len),
                         generator=torch.Generator().manual_seed(seed))
@@ -109,19 +113,20 @@ def _build(variant: str, num_stages: int, num_micro_batches: int, t_forward: flo
 
         model = LlamaForCausalLM(config)
         # balance the block layers (whole blocks or attention/MLP halves): one block per stage, like the bare module
-        pipe = to_pipeline(model, num_stages=num_stages, partition_method="type:Block")
+        pipe = to_pipeline(model, num_stages=num_stages, partition_method="type:Block", schedule=schedule)
         del model
         block_type = PipeLayer
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
         data = micro_batches(batch, pipe, num_micro_batches)
     else:
         raise ValueError(f"variant={variant!r}; expected one of {VARIANTS}.")
-    schedule = variant[len("hfpipe-"):] if variant in SCHEDULE_VARIANTS else None
-    split = schedule is not None
-    if split and cost != "fixed":
+    split = schedule == "zb-h1"
+    if schedule is not None and cost != "fixed":
         raise ValueError(f"variant {variant} runs with --cost fixed only (its W pass has a fixed cost).")
     t_weight = t_backward / 2 if t_weight is None else t_weight
-    if cost == "fixed":
+    if cost == "fixed" and v_shape:
+        harness.fix_stage_cost(pipe, t_forward / 2, t_backward / 2)  # per chunk
+    elif cost == "fixed":
         harness.fix_stage_cost(pipe, t_forward, t_backward - t_weight if split else t_backward)
     elif cost == "sleep":
         from hfpipe.core.layers import LayerKind
@@ -141,6 +146,10 @@ def _build(variant: str, num_stages: int, num_micro_batches: int, t_forward: flo
         table = dict(type(engine)._INSTRUCTION_MAP)
         table[BackwardWeight] = _padded(table[BackwardWeight], window)
         engine._INSTRUCTION_MAP = table  # instance attribute shadows the class table
+    elif schedule is not None:
+        from hfpipe.schedules import use_schedule
+
+        use_schedule(engine, schedule)
     return engine, data, [int(x) for x in pipe.parts]  # DeepSpeed gives numpy ints
 
 
@@ -188,7 +197,10 @@ def rank_run(variants, num_stages: int, num_micro_batches: int, t_forward: float
                     times[v].append(elapsed)
         out = {v: {"rank": dist.get_rank(), "stage": built[v][0].stage_id, "times": times[v],
                    "instructions_ms_per_step": {k: 1e3 * t / steps for k, t in sorted(totals[v].items())},
-                   "parts": built[v][2], "peak_in_flight": memory[v].get("peak", 0)} for v in names}
+                   "parts": built[v][2],
+                   # DualPipeV counts chunks: two make one stage's micro-batch of activations
+                   "peak_in_flight": memory[v].get("peak", 0) / (2 if v == "hfpipe-dualpipev" else 1)}
+               for v in names}
         del built
         return out[names[0]] if isinstance(variants, str) else out
 
@@ -350,9 +362,10 @@ def run(stages=(2, 4), micro_batches=(1, 2, 4, 8, 16), variants=("bare", "hfpipe
         # the sleeping layers run on CPU ranks even where a GPU exists (gloo p2p between CPU tensors)
         with DistributedPool(p, timeout=900, env={"CUDA_VISIBLE_DEVICES": ""}) as pool:
             for m in [k * p for k in micro_batches] if per_stage else micro_batches:
-                per_rank_all = pool.run(rank_run, list(variants), p, m, t_forward, t_backward, steps, warmup,
+                runs = [v for v in variants if v != "hfpipe-dualpipev" or m >= 2 * p]  # DualPipeV: m >= 2p
+                per_rank_all = pool.run(rank_run, runs, p, m, t_forward, t_backward, steps, warmup,
                                         cost=cost, t_weight=t_weight)
-                for variant in variants:
+                for variant in runs:
                     per_rank = [r[variant] for r in per_rank_all]
                     row = summarize(variant, p, m, t_forward, t_backward, per_rank, t_weight)
                     rows.append(row)
@@ -518,7 +531,10 @@ def markdown_schedules(results: dict) -> str:
              f"{s['t_backward_ms']:.0f} ms; zb-h1 splits it into B = {s['t_backward_ms'] - s['t_weight_ms']:.0f} ms "
              f"(input gradient) and W = {s['t_weight_ms']:.0f} ms (weight gradients; the first stage's W is its whole "
              f"backward) ({s['model']}); step time = slowest rank, median of {s['steps']} steps after {s['warmup']} "
-             "warm-up steps, the schedules' steps interleaved on the same ranks. *1F1B ideal* = (m+p-1)(t_F+t_B+t_W); "
+             "warm-up steps, the schedules' steps interleaved on the same ranks. dualpipev: two blocks per rank, one "
+             "per chunk (rank r holds chunks r and 2p-1-r), each chunk's forward t_F/2 and whole backward "
+             "(t_B+t_W)/2, so a rank's work per micro-batch is a 1F1B stage's; it needs m >= 2p (no row at m = p). "
+             "*1F1B ideal* = (m+p-1)(t_F+t_B+t_W); "
              "*theory* = the schedule's own step time with free messages (`hfpipe.schedules.simulate`); *peak "
              "activations* = micro-batches whose activations each stage holds at once (counted in the engine), "
              "stage 0 first.", "",
@@ -534,6 +550,10 @@ def markdown_schedules(results: dict) -> str:
                      f"<= {MEMORY_GOAL:.2f}x 1F1B's: **{'met' if met else 'missed'}** ({g['ratio']:.3f}x, theory "
                      f"{g['theory_ratio']:.3f}x; peak {g['peak_ratio']:.2f}x). Later stages hold up to p micro-batches "
                      "instead of 1F1B's p-i: the busiest stage (the first) holds no more than under 1F1B.")
+    for g in (r for r in rows if r["schedule"] == "dualpipev" and r["p"] == 4 and r["m"] == 8):
+        lines.append(f"- dualpipev at p=4, m=8: {g['ratio']:.3f}x the 1F1B ideal (theory {g['theory_ratio']:.3f}x: "
+                     "DeepSpeed's DualPipeVSchedule keeps each backward whole, so its bubble is above zb-h1's); peak "
+                     f"activations {g['peak_ratio']:.2f}x 1F1B's (p + 1/2 micro-batches on every rank).")
     return "\n".join(lines)
 
 
@@ -552,8 +572,9 @@ def main(argv=None) -> int:
     ap.add_argument("--t-weight-ms", type=float, default=20.0,
                     help="W's share of it under a split-backward schedule (B takes the rest)")
     ap.add_argument("--schedules", action="store_true",
-                    help="compare the schedules: hfpipe with 1f1b and zb-h1 at m = p, 2p, 4p (--micro-batches "
-                         "default 1 2 4 as multiples of p), written to benchmarks/results/cpu-schedules")
+                    help="compare the schedules: hfpipe with 1f1b, zb-h1 and dualpipev (m >= 2p only) at m = p, 2p, "
+                         "4p (--micro-batches default 1 2 4 as multiples of p), written to "
+                         "benchmarks/results/cpu-schedules")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default=None,

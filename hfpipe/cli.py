@@ -41,7 +41,8 @@ def _verify(p: argparse.ArgumentParser):
     p.add_argument("--partition", default="parameters",
                    help="uniform | parameters | type:<regex> | comma-separated first layer of each stage")
     p.add_argument("--padding", choices=["right", "left"], default="right")
-    p.add_argument("--schedule", default="1f1b", help="pipeline schedule to verify: 1f1b | zb-h1")
+    p.add_argument("--schedule", default="1f1b", help="pipeline schedule to verify: 1f1b | zb-h1 | dualpipev "
+                   "(needs --micro-batches >= 2 x --stages)")
     p.add_argument("--inputs", help="a .pt or .json dict of input_ids, attention_mask and label fields")
     p.add_argument("--json", action="store_true", help="print the report as JSON on the last line")
     p.add_argument("--lora-r", type=int, help="compare with peft.get_peft_model(model, LoraConfig(r=R, ...)): loss and "
@@ -117,8 +118,8 @@ def _plan(p: argparse.ArgumentParser):
                    help="with --lora-r: comma-separated module names or 'all-linear' (default: PEFT's for the family)")
     p.add_argument("--load-in-4bit", action="store_true",
                    help="with --lora-r: QLoRA, the frozen linear weights in 4 bits (nf4, double quantisation)")
-    p.add_argument("--schedule", default="1f1b", help="pipeline schedule: 1f1b | zb-h1 (efficiency and activation "
-                   "memory per stage follow it)")
+    p.add_argument("--schedule", default="1f1b", help="pipeline schedule: 1f1b | zb-h1 | dualpipev (efficiency "
+                   "and activation memory per stage follow it; dualpipev: two chunks per rank)")
     p.add_argument("--compare", action="store_true", help="all partition methods side by side")
     p.add_argument("--json", action="store_true", help="print the plan as JSON on the last line")
 

@@ -21,6 +21,7 @@ from hfpipe.core.builder import LayerInfo, PipelineBuilder, prepare, stage_parts
 from hfpipe.core.dsconfig import check_stages_divide, validate_pipeline_ds_config
 from hfpipe.core.heads import PipelineLoss
 from hfpipe.core.layers import LayerKind
+from hfpipe.schedules import VShapeStages, check_schedule
 
 
 class HFPipelineModule(PipelineModule):
@@ -92,12 +93,16 @@ class HFPipelineModule(PipelineModule):
     def local_layers(self) -> Iterator[tuple[int, nn.Module, str]]:
         """``(global layer index, module, name prefix in this module's state)`` for layers on this stage."""
         for local, func in enumerate(self.forward_funcs):
-            idx = self._local_start + local
+            idx = self.layer_index(local)
             spec = self._layer_specs[idx]
             if isinstance(spec, TiedLayerSpec):
                 yield idx, self.tied_modules[spec.key], f"tied_modules.{spec.key}."
             else:
                 yield idx, func, f"{idx}."
+
+    def layer_index(self, local: int) -> int:
+        """Global layer index of this stage's ``local``-th layer."""
+        return self._local_start + local
 
     def hf_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """``(HF state-dict name, parameter)`` for every parameter on this stage (tied copies once)."""
@@ -110,6 +115,11 @@ class HFPipelineModule(PipelineModule):
             for local, hf in module.hf_names().items():
                 if local in params:
                     yield hf, params[local]
+
+
+class DualPipeVModule(VShapeStages, HFPipelineModule):
+    """The module of ``schedule="dualpipev"``: ``parts`` cut the model into ``2 x num_stages`` chunks and each rank
+    holds two (:class:`hfpipe.schedules.VShapeStages`; rank 0 the first and the last)."""
 
 
 def _ensure_distributed() -> None:
@@ -134,7 +144,7 @@ def to_pipeline(model, *, num_stages: int | None = None, topology=None, partitio
                 seed: int | None = 1234, loss_fn=None, seq_len: int | None = None, micro_batch_size: int = 1,
                 layer_costs: Sequence[float] | None = None, loss_chunk_tokens: int | None = None,
                 peft_config=None, peft_adapter=None, load_in_4bit: bool = False, quantization_config=None,
-                **pipeline_kwargs) -> HFPipelineModule:
+                schedule: str | None = None, **pipeline_kwargs) -> HFPipelineModule:
     """Convert an HF model into a ``deepspeed.pipe.PipelineModule``.
 
     Args:
@@ -170,6 +180,9 @@ def to_pipeline(model, *, num_stages: int | None = None, topology=None, partitio
             loads them (bitsandbytes nf4, double quantisation, bf16 compute; ``hfpipe.core.quantize``), the output
             embedding and the modules PEFT trains in full kept as they are. ``quantization_config``: a
             ``transformers.BitsAndBytesConfig(load_in_4bit=True, ...)`` (or its dict) instead of those defaults.
+        schedule: ``"dualpipev"`` builds the two-chunk stages that schedule needs (``partition_method`` then splits
+            into ``2 x num_stages`` chunks, rank ``r`` holding chunks ``r`` and ``2p-1-r``); pass the same schedule
+            to ``initialize``. Other schedules run on the one-chunk module (``None``/``"1f1b"``, ``"zb-h1"``).
 
     ``torch.distributed`` is initialised through ``deepspeed.init_distributed()`` if it is not yet (gloo on CPU).
     """
@@ -184,15 +197,20 @@ def to_pipeline(model, *, num_stages: int | None = None, topology=None, partitio
     builder.chunk_loss(loss_chunk_tokens)  # before the split: "balanced" costs the chunked head
     infos = builder.layers()
     stages = num_stages if num_stages is not None else topology.get_dim("pipe")
-    parts = stage_parts(builder, infos, stages, partition_method, seq_len=seq_len, micro_batch_size=micro_batch_size,
-                        activation_checkpointing=activation_checkpoint_interval > 0, layer_costs=layer_costs)
+    v_shape = check_schedule(schedule) == "dualpipev" and stages > 1
+    if v_shape:
+        _check_dualpipev_model(builder, stages)
+    parts = stage_parts(builder, infos, 2 * stages if v_shape else stages, partition_method, seq_len=seq_len,
+                        micro_batch_size=micro_batch_size, activation_checkpointing=activation_checkpoint_interval > 0,
+                        layer_costs=layer_costs)
     _ensure_distributed()
     import torch.distributed as dist
 
     world = dist.get_world_size()
     if topology is None:
         check_stages_divide(stages, world)
-    pipe = HFPipelineModule(builder, infos, parts, num_stages=num_stages, topology=topology,
+    module_class = DualPipeVModule if v_shape else HFPipelineModule
+    pipe = module_class(builder, infos, parts, num_stages=num_stages, topology=topology,
                             loss_fn=loss_fn or PipelineLoss(builder.head, builder.adapter.config),
                             activation_checkpoint_interval=activation_checkpoint_interval, **pipeline_kwargs)
     if dtype is not None:
@@ -200,6 +218,19 @@ def to_pipeline(model, *, num_stages: int | None = None, topology=None, partitio
             if p.is_floating_point():
                 p.data = p.data.to(dtype)
     return pipe
+
+
+def _check_dualpipev_model(builder: PipelineBuilder, stages: int) -> None:
+    """What dualpipev cannot run, refused before any process group starts: fewer blocks than chunks, and a
+    boundary of more than one tensor (decoder sequence classification also sends its input ids)."""
+    name = builder.adapter.model_class.__name__
+    if 2 * stages > builder.adapter.num_blocks:
+        raise ValueError(f"schedule='dualpipev' cuts the model into 2 x num_stages = {2 * stages} chunks, but this "
+                         f"{name} has {builder.adapter.num_blocks} transformer blocks; use num_stages <= "
+                         f"{builder.adapter.num_blocks // 2} or schedule 'zb-h1'.")
+    if builder.carry_input_ids:
+        raise ValueError(f"schedule='dualpipev' sends one tensor per chunk boundary; this {name} also sends its input "
+                         "ids to the head (decoder sequence classification); use schedule 'zb-h1' or '1f1b'.")
 
 
 def initialize(pipe: HFPipelineModule, config: dict, *, schedule: str | None = None, **kwargs):

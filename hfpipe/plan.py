@@ -7,7 +7,10 @@ about a second), its fixed layer list comes from ``hfpipe.pipeline.prepare``, ea
 shows exactly the split training will run with. The predicted pipeline efficiency is the 1F1B bubble times the
 imbalance: ``m / (m + p - 1) x mean / max`` stage cost; with ``schedule="zb-h1"`` the bubble is ZB-H1's
 (``hfpipe.schedules.predict``: the backward split into equal input- and weight-gradient halves) and each stage's
-activations are those of the micro-batches ZB-H1 holds at once there.
+activations are those of the micro-batches ZB-H1 holds at once there. With ``schedule="dualpipev"`` the model is cut
+into ``2 x stages`` chunks exactly as ``to_pipeline(schedule="dualpipev")`` cuts it, each rank's row sums its two
+chunks (rank 0: the first and the last), the bubble is DualPipeV's simulated step and the activations those of the
+``p + 1/2`` micro-batches (in whole-stage units) each rank holds at its peak.
 """
 
 from __future__ import annotations
@@ -123,30 +126,46 @@ def plan(model, *, stages: int, partition="balanced", seq_len: int = 4096, micro
         return costs_lib.stage_memory(layer_costs, start, stop, stage, stages, **mem_kwargs)["total"]
 
     name = builder.adapter.model_class.__name__
-    if memory_cap_gib is not None and isinstance(partition, str) and partition.startswith("balanced"):
+    v_shape = sched["schedule"] == "dualpipev" and stages > 1  # 2p chunks, rank r holds chunks r and 2p-1-r
+    if v_shape:
+        if 2 * stages > builder.adapter.num_blocks:
+            raise ValueError(f"schedule='dualpipev' cuts the model into 2 x stages = {2 * stages} chunks, but this "
+                             f"{name} has {builder.adapter.num_blocks} transformer blocks; use stages <= "
+                             f"{builder.adapter.num_blocks // 2} or schedule 'zb-h1'.")
+        if memory_cap_gib is not None:
+            raise ValueError("memory_cap_gib with schedule='dualpipev': the capped split is per contiguous stage; "
+                             "plan without --memory-cap-gib, or with schedule 'zb-h1' / '1f1b'.")
+        parts = compute_parts(partition, infos, 2 * stages, builder.adapter.num_blocks, name, costs=flops)
+    elif memory_cap_gib is not None and isinstance(partition, str) and partition.startswith("balanced"):
         cut_allowed = [i.cut_allowed and (partition == "balanced" or i.layer.starts_block) for i in infos]
         if stages > builder.adapter.num_blocks:
             compute_parts(partition, infos, stages, builder.adapter.num_blocks, name, costs=flops)  # its error
         parts = partition_lib.balanced(flops, stages, cut_allowed, memory=memory, memory_cap=memory_cap_gib * GIB)
     else:
         parts = compute_parts(partition, infos, stages, builder.adapter.num_blocks, name, costs=flops)
-    sums = partition_lib.stage_sums(flops, parts)
+    # the layer ranges of each rank: one stage, or DualPipeV's two chunks
+    ranges = [[(parts[s], parts[s + 1]), (parts[2 * stages - 1 - s], parts[2 * stages - s])] if v_shape
+              else [(parts[s], parts[s + 1])] for s in range(stages)]
+    sums = [sum(sum(flops[a:b]) for a, b in rr) for rr in ranges]
     total = sum(sums)
     mean = total / stages
     rows = []
     for s in range(stages):
-        start, stop = parts[s], parts[s + 1]
-        mem = costs_lib.stage_memory(layer_costs, start, stop, s, stages, **mem_kwargs)
+        start, stop = ranges[s][0]
+        chunk_mems = [costs_lib.stage_memory(layer_costs, a, b, s, stages, **mem_kwargs) for a, b in ranges[s]]
+        mem = {k: sum(c[k] for c in chunk_mems) for k in chunk_mems[0]}
         base = costs_lib.in_flight(s, stages, m)
         held = sched["peak_in_flight"][s]
         if held != base:  # activations scale with the micro-batches a stage holds at once
             extra = mem["activations"] * (held / base - 1)
             mem = {**mem, "activations": mem["activations"] + extra, "total": mem["total"] + extra}
+        mine = [c for a, b in ranges[s] for c in layer_costs[a:b]]
         rows.append({"stage": s, "first_layer": start, "last_layer": stop - 1,
-                     "layers": describe_layers(infos, start, stop),
-                     "params": sum(c.params for c in layer_costs[start:stop]),
-                     "trainable_params": sum(c.trainable_params for c in layer_costs[start:stop]), "flops": sums[s],
-                     "quantized_params": sum(c.quantized for c in layer_costs[start:stop]),
+                     "layers": " + ".join(describe_layers(infos, a, b) for a, b in ranges[s]),
+                     "chunks": [[a, b - 1] for a, b in ranges[s]],
+                     "params": sum(c.params for c in mine),
+                     "trainable_params": sum(c.trainable_params for c in mine), "flops": sums[s],
+                     "quantized_params": sum(c.quantized for c in mine),
                      "share": sums[s] / total if total else 0.0, "in_flight": held,
                      "memory_gib": {k: v / GIB for k, v in mem.items()}})
     imbalance = max(sums) / mean if mean else 1.0

@@ -173,7 +173,7 @@ def rank_step(spec: ModelSpec, batch: dict, stages: int, micro_batches: int, par
 
     model = with_lora(spec.build(), lora, spec.seed)
     pipe = to_pipeline(model, num_stages=stages, partition_method=partition,
-                       activation_checkpoint_interval=activation_checkpoint_interval)
+                       activation_checkpoint_interval=activation_checkpoint_interval, schedule=schedule)
     del model
     # with LoRA only the trainable parameters, as hfpipe.initialize passes them (all of them on a stage that trains
     # nothing: an optimizer needs at least one parameter; frozen ones get no gradient to record)
@@ -182,7 +182,7 @@ def rank_step(spec: ModelSpec, batch: dict, stages: int, micro_batches: int, par
     dp = dist.get_world_size() // stages
     batch_size = batch["input_ids"].shape[0]
     engine, *_ = deepspeed.initialize(model=pipe, optimizer=recorder, config=ds_config(batch_size, micro_batches, dp))
-    use_schedule(engine, schedule)  # "zb-h1": split backward (hfpipe.schedules)
+    use_schedule(engine, schedule)  # "zb-h1": split backward, "dualpipev": two chunks per rank (hfpipe.schedules)
     dp_rank = engine.grid.data_parallel_id
     data = split(batch, pipe, micro_batches, dp_rank, dp)
     outputs = engine.eval_batch(iter(data), compute_loss=False, reduce_output=None)
@@ -296,6 +296,7 @@ def verify(spec: ModelSpec, *, stages: int, micro_batches: int = 4, batch_size: 
     and closed here when not given. ``lora``: a ``peft.LoraConfig`` (its ``task_type`` defaults to the head's, so
     that PEFT trains a classification head in full)."""
     check_run_shape(stages, dp, micro_batches, batch_size if batch is None else batch["input_ids"].shape[0])
+    check_schedule(schedule, num_stages=stages, micro_batches=micro_batches, source="--schedule")
     head = head_for_class(spec.model_class())
     if batch is None:
         batch = make_batch(spec.hf_config(), head, batch_size, seq_len, padding=padding)

@@ -1,7 +1,5 @@
 """The pipeline trains exactly like the HF model: loss, logits and every gradient, on padded batches, for every
-supported family at 1, 2 and 4 stages, with 1 and 4 micro-batches (real DeepSpeed engines on gloo ranks): each family
-at four (stages, micro-batches) shapes -- no pipeline, the smallest real one, a deep pipeline with a single
-micro-batch (warm-up and cool-down only) and with several -- not the whole grid."""
+supported family at 1, 2 and 4 stages with 1 and 4 micro-batches (real DeepSpeed engines on gloo ranks)."""
 
 import pytest
 
@@ -12,9 +10,6 @@ from models import DECODERS, ENCODERS, tiny_config
 CLASSES = {"causal-lm": "AutoModelForCausalLM", "sequence-classification": "AutoModelForSequenceClassification",
            "token-classification": "AutoModelForTokenClassification",
            "question-answering": "AutoModelForQuestionAnswering"}
-
-#: (stages, micro-batches)
-SHAPES = [(1, 1), (2, 4), (4, 1), (4, 4)]
 
 
 def spec_for(model_type, head, **overrides):
@@ -31,7 +26,8 @@ def check(report):
     assert report["loss_rel_err"] <= 1e-5 and report["max_rel_grad_err"] <= 1e-5
 
 
-@pytest.mark.parametrize("stages, micro_batches", SHAPES)
+@pytest.mark.parametrize("stages", [1, 2, 4])
+@pytest.mark.parametrize("micro_batches", [1, 4])
 @pytest.mark.parametrize("model_type", sorted(DECODERS))
 def test_decoder_causal_lm(dist_pool, model_type, stages, micro_batches):
     spec = spec_for(model_type, "causal-lm")
@@ -39,7 +35,8 @@ def test_decoder_causal_lm(dist_pool, model_type, stages, micro_batches):
                  pool=dist_pool(stages)))
 
 
-@pytest.mark.parametrize("stages, micro_batches", SHAPES)
+@pytest.mark.parametrize("stages", [1, 2, 4])
+@pytest.mark.parametrize("micro_batches", [1, 4])
 @pytest.mark.parametrize("model_type", sorted(ENCODERS))
 def test_encoder_sequence_classification(dist_pool, model_type, stages, micro_batches):
     spec = spec_for(model_type, "sequence-classification", num_labels=3)

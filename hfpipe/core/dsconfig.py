@@ -107,21 +107,25 @@ def check_schedule(schedule, *, num_stages: int | None = None, micro_batches: in
                    fp16: bool = False, source: str | None = None) -> str:
     """The pipeline schedule: one of :data:`SCHEDULES` (``None``: ``"1f1b"``) that the run can honour. ``zb-h1``
     splits each backward into an input-gradient and a weight-gradient pass, which fp16's dynamic loss scaling cannot
-    follow (it checks for overflow per whole backward); ``dualpipev`` is not executable yet. Returns the name."""
+    follow (it checks for overflow per whole backward); ``dualpipev`` (two chunks per rank) needs at least 2 x stages
+    micro-batches per step (DeepSpeed's ``DualPipeVSchedule``) and runs its loss backward outside fp16's loss
+    scaler. Returns the name."""
     name = "1f1b" if schedule is None else str(schedule).strip().lower()
     if name not in SCHEDULES:
         raise ConfigError(f"schedule={schedule!r}{_at(source)}: expected one of {', '.join(SCHEDULES)}; set the "
-                          "pipeline schedule to \"1f1b\" (DeepSpeed's, the default) or \"zb-h1\" (zero-bubble).")
-    if name == "dualpipev":
-        need = f" It needs >= 2 x stages micro-batches ({2 * num_stages} here" if num_stages else ""
-        have = f", got {micro_batches})." if need and micro_batches is not None else (")." if need else "")
-        raise ConfigError(f"schedule='dualpipev'{_at(source)} is not available yet: hfpipe does not execute "
-                          "DeepSpeed's DualPipeVSchedule (two chunks per rank, batched p2p) yet." + need + have
-                          + " Use schedule \"zb-h1\" (zero-bubble, 1F1B's peak memory) or \"1f1b\".")
-    if name == "zb-h1" and fp16:
-        raise ConfigError(f"schedule='zb-h1'{_at(source)} with fp16: fp16's dynamic loss scaling checks for overflow "
-                          "once per whole backward, which zb-h1 splits into input- and weight-gradient passes; use "
-                          "bf16 or fp32 with zb-h1, or schedule \"1f1b\" with fp16.")
+                          "pipeline schedule to \"1f1b\" (DeepSpeed's, the default), \"zb-h1\" (zero-bubble) or "
+                          "\"dualpipev\" (two chunks per rank).")
+    if name == "dualpipev" and num_stages and num_stages > 1 and micro_batches is not None \
+            and micro_batches < 2 * num_stages:
+        raise ConfigError(f"schedule='dualpipev'{_at(source)} with {micro_batches} micro-batches at {num_stages} "
+                          f"stages: DualPipeV needs >= 2 x stages micro-batches per step ({2 * num_stages} here); "
+                          f"set gradient_accumulation_steps to {2 * num_stages} or more, or use schedule \"zb-h1\".")
+    if name in ("zb-h1", "dualpipev") and fp16:
+        why = ("fp16's dynamic loss scaling checks for overflow once per whole backward, which zb-h1 splits into "
+               "input- and weight-gradient passes" if name == "zb-h1" else
+               "dualpipev runs the loss backward on rank 0 itself, outside fp16's loss scaler")
+        raise ConfigError(f"schedule={name!r}{_at(source)} with fp16: {why}; use bf16 or fp32 with {name}, or "
+                          "schedule \"1f1b\" with fp16.")
     return name
 
 

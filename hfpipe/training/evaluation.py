@@ -99,7 +99,8 @@ def _gather(trainer, dataset, prefix: str, has_labels: bool, mine: tuple, t0: fl
     from transformers import EvalPrediction
 
     engine, pipe, n = trainer.engine, trainer.pipe, len(dataset)
-    src = pipe._topo.get_rank(pipe=trainer.num_stages - 1, data=0)
+    # the stage that holds the outputs: the last, or rank 0 under dualpipev (its V ends where it starts)
+    src = pipe._topo.get_rank(pipe=0 if getattr(pipe, "v_shape", False) else trainer.num_stages - 1, data=0)
     payload = None
     if engine.is_last_stage():
         parts = [mine]

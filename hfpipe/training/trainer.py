@@ -153,7 +153,7 @@ class PipelineTrainer:
                       activation_checkpoint_interval=pipe_cfg["activation_checkpoint_interval"],
                       micro_batch_size=self.ds_config["train_micro_batch_size_per_gpu"],
                       loss_chunk_tokens=self.args.loss_chunk_tokens or None, peft_config=self.args.lora_config(),
-                      load_in_4bit=self.args.load_in_4bit)
+                      load_in_4bit=self.args.load_in_4bit, schedule=pipe_cfg.get("schedule"))
         if kwargs["peft_config"] is not None:  # PEFT's task type of the head (a PeftModel and --lora_r: one error)
             _, cls, _ = resolve_model(lora.split_peft_model(model, kwargs["peft_config"])[0], model_class)
             kwargs["peft_config"] = self.args.lora_config(head_for_class(cls).peft_task_type)
