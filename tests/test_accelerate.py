@@ -285,7 +285,8 @@ def test_accelerate_launch_runs_a_recipe_at_p2(tmp_path):
     out = tmp_path / "out"
     log = launch(["accelerate", "launch", "--config_file", path, "--main_process_port", str(free_port()),
                   os.path.join(ROOT, "recipes", "finetune_classification.py"), "--output_dir", str(out),
-                  "--max_steps", "2", "--num_stages", "2", "--export_final_model", "false", "--disable_tqdm", "true"])
+                  "--max_steps", "2", "--num_stages", "2", "--export_final_model", "false", "--disable_tqdm", "true",
+                  "--max_eval_samples", "16"])
     for line in ("gradient_accumulation_steps    = 2            (env ACCELERATE_GRADIENT_ACCUMULATION_STEPS)",
                  "bf16                           = True         (env ACCELERATE_MIXED_PRECISION)",
                  "zero_stage                     = 1            (env ACCELERATE_DEEPSPEED_ZERO_STAGE)",
