@@ -4,8 +4,8 @@ every rank.
 :func:`init_distributed` is how every hfpipe process joins: one timeout (``--ddp_timeout``; default
 :data:`DEFAULT_TIMEOUT_S` on CPU) for the rendezvous and for every process group created afterwards (DeepSpeed's
 pipeline, data-parallel and tied-weight groups), and a rank or node that never joins is named on rank 0.
-:func:`name_timeouts` turns a collective that timed out inside a pipeline step into one line naming the stage that
-stopped answering.
+:func:`guard_batch` turns a collective that timed out inside a pipeline step into one line naming the stage that
+stopped answering, and leaves the engine usable after a step that raised.
 
 Used by ``hfpipe verify`` and by the test-suite: processes start, import torch/transformers/DeepSpeed and join the
 process group once, then run many cases -- start-up is paid once per pool, not per case. A case that fails or
@@ -36,6 +36,16 @@ class RankError(RuntimeError):
 
 class PeerTimeout(RuntimeError):
     """A rank or stage did not answer within the timeout."""
+
+    #: whether rank 0 reports it for every rank (``hfpipe.training.failfast``): a timeout is seen by the rank that
+    #: waited, so each says its own
+    rank_0_reports = False
+
+
+class NeverJoined(PeerTimeout):
+    """Ranks that never reached the rendezvous: rank 0 names them, and tells the ranks that did come."""
+
+    rank_0_reports = True
 
 
 def default_timeout() -> int:
@@ -99,7 +109,7 @@ def _rendezvous_store(rank: int, world: int, timeout):
                        f"{timeout.total_seconds():.0f} s (--ddp_timeout); start every node's launcher with the same "
                        "--master_addr/--master_port and --num_nodes, or raise --ddp_timeout.")
                 store.set("hfpipe/go", msg)
-                raise PeerTimeout(msg)
+                raise NeverJoined(msg)
             time.sleep(0.05)
     else:
         try:
@@ -109,7 +119,7 @@ def _rendezvous_store(rank: int, world: int, timeout):
                               f"{timeout.total_seconds():.0f} s (--ddp_timeout).") from None
         go = store.get("hfpipe/go").decode()
         if go != "ok":
-            raise PeerTimeout(go)
+            raise NeverJoined(go)
     from torch.distributed import PrefixStore
 
     return PrefixStore("hfpipe/pg", store)
@@ -157,17 +167,39 @@ def _is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("timed out" in text or "timeout" in text)
 
 
-def name_timeouts(engine, fn):
-    """``fn`` (``engine.train_batch`` / ``eval_batch``) with a collective that times out re-raised as
-    :class:`PeerTimeout` naming the stage this rank was waiting for, found from the pipeline instruction that was
-    running (DeepSpeed's and gloo's own message names neither)."""
+def reset_after_failure(engine) -> None:
+    """Undo what a ``train_batch``/``eval_batch`` that raised half-way leaves behind, so that the next call runs (or
+    fails with its own error): DeepSpeed starts its ``train_batch`` timer (and, with ``wall_clock_breakdown``, the
+    micro-step ones) before the schedule and stops them after it, so one exception left them started and every
+    later call died on ``train_batch timer has already been started``; the gradients the failed batch accumulated
+    would otherwise be added to the next batch's; ``_force_grad_boundary`` stays set by a failed optimizer step.
+    DeepSpeed has no reset of its own for this."""
+    timers = getattr(engine, "timers", None)
+    for timer in (timers.get_timers().values() if hasattr(timers, "get_timers") else ()):
+        if getattr(timer, "started_", False):
+            timer.reset()
+    if getattr(engine, "tput_timer", None) is not None:
+        engine.tput_timer.started = False
+    engine._force_grad_boundary = False
+    optimizer = getattr(engine, "optimizer", None)
+    if optimizer is not None and hasattr(optimizer, "zero_grad"):
+        optimizer.zero_grad()
+    engine.module.zero_grad(set_to_none=True)
+
+
+def guard_batch(engine, fn):
+    """``fn`` (``engine.train_batch`` / ``eval_batch``) that leaves the engine usable when it raises
+    (:func:`reset_after_failure`), and with a collective that times out re-raised as :class:`PeerTimeout` naming
+    the stage this rank was waiting for, found from the pipeline instruction that was running (DeepSpeed's and
+    gloo's own message names neither)."""
     import functools
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except RuntimeError as e:
+        except BaseException as e:
+            reset_after_failure(engine)
             if not _is_timeout(e):
                 raise
             tb, waits = e.__traceback__, None

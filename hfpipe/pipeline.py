@@ -252,10 +252,11 @@ def initialize(pipe: HFPipelineModule, config: dict, *, schedule: str | None = N
     out = deepspeed.initialize(model=pipe, config=config, **kwargs)
     engine = out[0]
     engine.has_bool_tensors = False
-    from hfpipe.launch import name_timeouts
+    from hfpipe.launch import guard_batch
 
-    engine.train_batch = name_timeouts(engine, engine.train_batch)  # a peer that stops answering: named
-    engine.eval_batch = name_timeouts(engine, engine.eval_batch)
+    # a peer that stops answering: named; a batch that raised: the engine stays usable (its timers, gradients)
+    engine.train_batch = guard_batch(engine, engine.train_batch)
+    engine.eval_batch = guard_batch(engine, engine.eval_batch)
     use_schedule(engine, (config.get("pipeline") or {}).get("schedule"))
     if not (engine.bfloat16_enabled() or engine.fp16_enabled()) and engine.gradient_clipping() > 0:
         engine.clip_fp32_gradients = lambda: _clip_pipeline_grads(engine)

@@ -123,25 +123,31 @@ def test_explicit_incomplete_checkpoint_is_one_clear_error(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ timeouts (part 4)
-def rank_frozen_peer(freeze_s: float):
-    """Stage 1 freezes (sleeps) instead of taking part in a pipeline step; stage 0 must end with a line naming it."""
+def rank_frozen_peer(timeout_s: float):
+    """Stage 1 freezes (sleeps past the timeout) instead of taking part in a pipeline step; stage 0 must end with a
+    line naming it. The short timeout is the world group's (DeepSpeed's pipeline sends through it); the groups the
+    engine builds get a long one, which their creation needs on a loaded machine (3 s once was not enough)."""
     import time
+    from datetime import timedelta
 
     from transformers import AutoModelForCausalLM
 
     import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
 
     from hfpipe import to_pipeline
     from hfpipe.launch import PeerTimeout
     from hfpipe.pipeline import initialize
 
+    c10d.default_pg_timeout = timedelta(seconds=300)  # the engine's new groups: time to build them under load
     pipe = to_pipeline(tiny_config("llama"), model_class=AutoModelForCausalLM, num_stages=2,
                        partition_method="uniform")
     engine, *_ = initialize(pipe, {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2,
                                    "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}})
     dist.barrier()
+    c10d.default_pg_timeout = timedelta(seconds=timeout_s)  # the world group's, as the message reads it
     if engine.stage_id == 1:
-        time.sleep(freeze_s)
+        time.sleep(timeout_s + 2)  # alive (its groups open) until stage 0 has given up
         return None
     from hfpipe.core.batches import micro_batches
 
@@ -158,12 +164,103 @@ def rank_frozen_peer(freeze_s: float):
 def test_a_frozen_stage_ends_the_run_within_the_timeout_naming_it():
     from hfpipe.launch import DistributedPool
 
-    # 15 s, not less: the same timeout covers building the groups, which a loaded suite once made take over 3 s
-    with DistributedPool(2, timeout=180, pg_timeout=15) as pool:  # its own pool: a timed-out group is not reusable
-        # stage 1 never joins the step (it sleeps, then idles in the pool): the 3 s limit, not the length of the
-        # freeze, decides when stage 0 stops
-        waited, message = pool.run(rank_frozen_peer, 16)[0]
+    # its own pool (a timed-out group is not reusable), whose world group -- the one DeepSpeed's pipeline sends
+    # activations and gradients through -- has the short timeout
+    with DistributedPool(2, timeout=180, pg_timeout=5) as pool:
+        waited, message = pool.run(rank_frozen_peer, 5)[0]
         pool.close(force=True)
-    assert message.startswith("rank 0 (stage 0 of 2): stage 1 stopped answering; no reply within 15 s "
+    assert message.startswith("rank 0 (stage 0 of 2): stage 1 stopped answering; no reply within 5 s "
                               "(--ddp_timeout)"), message
-    assert 14 < waited < 60  # the 15 s timeout, with room for a loaded machine (gloo's default would be 300 s)
+    assert 4.5 < waited < 30  # the 5 s timeout, with room for a loaded machine (gloo's default would be 300 s)
+
+
+# ------------------------------------------------------------------------------- a failed step (issue 17.1)
+def rank_failed_step():
+    """Two engines from the same seed on the same batch: A's optimizer step raises on its first two calls (every
+    rank, after the schedule's communication), B is the reference. What A's later calls raise and return."""
+    from transformers import AutoModelForCausalLM
+
+    from hfpipe import to_pipeline
+    from hfpipe.core.batches import micro_batches
+    from hfpipe.pipeline import initialize
+
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2,
+              "steps_per_print": 1000, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
+    ids = torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def engine():
+        pipe = to_pipeline(tiny_config("llama"), model_class=AutoModelForCausalLM, num_stages=2,
+                           partition_method="uniform", seed=0)
+        return pipe, initialize(pipe, config)[0]
+
+    def step(pipe, eng):
+        return float(eng.train_batch(iter(micro_batches(batch, pipe, 2, 0, 1))))
+
+    pipe, a = engine()
+    real_step, fails = a.optimizer.step, [2]
+
+    def failing_step(*args, **kwargs):
+        if fails[0]:
+            fails[0] -= 1
+            raise RuntimeError(f"step failure {2 - fails[0]}")
+        return real_step(*args, **kwargs)
+
+    a.optimizer.step = failing_step
+    said = []
+    for _ in range(2):
+        try:
+            step(pipe, a)
+        except RuntimeError as e:
+            said.append(str(e))
+    got = [step(pipe, a) for _ in range(3)]
+    pipe_b, b = engine()
+    return said, got, [step(pipe_b, b) for _ in range(3)]
+
+
+def test_after_a_failed_step_the_next_one_raises_its_own_error_or_trains_as_if_it_never_ran(dist_pool):
+    said, got, want = dist_pool(2).run(rank_failed_step)[1]
+    assert said == ["step failure 1", "step failure 2"]  # not "train_batch timer has already been started"
+    assert want[1] < want[0] and len(set(want)) == 3  # the reference learns
+    # the failed batches left no gradients behind (Adam's first step hides their scale, its second does not): A's
+    # good steps are B's, bit for bit
+    assert got == want
+
+
+# --------------------------------------------------------------- errors after the model loaded (issue 17.3)
+def test_an_error_after_the_model_loaded_is_one_line_from_rank_0_and_a_bug_keeps_its_traceback(monkeypatch,
+                                                                                                 capsys):
+    from types import SimpleNamespace
+
+    from hfpipe.launch import NeverJoined, PeerTimeout
+    from hfpipe.training import failfast
+    from hfpipe.training.datacheck import check_dataset
+
+    def exits(fn, rank: int):
+        monkeypatch.setenv("RANK", str(rank))
+        with pytest.raises(SystemExit) as info:
+            with failfast.after_model_load():
+                fn()
+        return info.value.code, capsys.readouterr().err
+
+    vocab = SimpleNamespace(vocab_size=10)
+    bad_ids = lambda: check_dataset([{"input_ids": [1, 12]}], vocab, split="train")  # noqa: E731
+    line = ("error: train example 0: token id 12 is outside the model's vocabulary (vocab_size=10); tokenise with "
+            "the model's own tokenizer (or resize the embeddings after adding tokens).\n")
+    assert exits(bad_ids, 0) == (2, line)
+    assert exits(bad_ids, 1) == (2, "")  # every rank finds it; rank 0 says it
+    # a rank's own timeout is said by that rank; a node that never joined by rank 0 only
+    assert exits(lambda: (_ for _ in ()).throw(PeerTimeout("rank 1: the master did not answer")), 1) \
+        == (2, "error: rank 1: the master did not answer\n")
+    assert exits(lambda: (_ for _ in ()).throw(NeverJoined("rank(s) 1 never joined")), 1) == (2, "")
+    assert exits(lambda: (_ for _ in ()).throw(PermissionError(13, "Permission denied", "/out/x")), 0) \
+        == (2, "error: Permission denied: /out/x; check the path, its permissions and the free disk space.\n")
+    # bugs: a library's ValueError, a TypeError in hfpipe's own code -- the traceback stays
+    import json
+
+    monkeypatch.setenv("RANK", "0")
+    for bug, kind in ((lambda: json.loads("{"), json.JSONDecodeError),
+                      (lambda: check_dataset(5, vocab, split="train"), TypeError)):
+        with pytest.raises(kind):
+            with failfast.after_model_load():
+                bug()

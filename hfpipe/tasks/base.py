@@ -273,7 +273,8 @@ def run_recipe(task_class: Callable[..., Task], data_args_class, name: str, defa
         raw = task.load_raw()
         failfast.check_splits(raw, args)
         task.model_kwargs(raw)  # columns and labels: an error here is the data's, before any model loads
-    return _run(task, raw, model_args, data_args, args, build or build_model)
+    with failfast.after_model_load():  # what only the loaded model, the data or the peers show: one line too
+        return _run(task, raw, model_args, data_args, args, build or build_model)
 
 
 def _run(task, raw, model_args, data_args, args, build) -> dict:

@@ -6,6 +6,11 @@ Everything that can be checked from the flags, the merged DeepSpeed config and t
 (:func:`check_config`, :func:`check_splits`) inside :func:`before_model_load`, which turns any such error into one
 line on stderr from rank 0 (the other ranks exit quietly) and exit status 2, argparse's status for a bad command
 line. No process group exists yet at that point, so no rank waits for another.
+
+What can only be found later (data the loaded model cannot take, a node that never joined, a NaN loss, a checkpoint
+that does not fit) goes through :func:`after_model_load`: an hfpipe user error is one line too, exit status 2, said
+once: rank 0 says it and tells the others through the process group's store that it did; a rank whose error rank 0
+did not report (a peer that timed out waiting for it, say) says its own. A genuine bug keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import warnings
 
 #: what counts as a configuration error (bad flags, config, files, data) -- not a bug in hfpipe
@@ -37,6 +43,99 @@ def before_model_load():
             message = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).strip().replace("\n", " ")
             print(f"error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+#: seconds a rank other than 0 waits to hear that rank 0 reported the error, and rank 0 waits for their answer
+REPORT_WAIT_S = 5.0
+_REPORTED, _HEARD = "hfpipe/error/reported", "hfpipe/error/heard"
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is the user's to fix (one line) rather than a bug (a traceback): hfpipe's own runtime errors
+    (a peer that timed out, a NaN loss, a failed push), a ``ValueError``/``FileNotFoundError`` that hfpipe's code
+    raised (its checks: ``ConfigError``, ``DataError``, ... are ValueErrors), and the system's ``OSError`` (a missing
+    model, a full disk, a folder without write permission). A ValueError from inside a library stays a traceback."""
+    from hfpipe.hub import PushError
+    from hfpipe.launch import PeerTimeout
+    from hfpipe.training.numerics import NonFiniteLossError
+
+    if isinstance(exc, (PeerTimeout, NonFiniteLossError, PushError)):
+        return True
+    if isinstance(exc, (ValueError, FileNotFoundError)):
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE + os.sep)
+    return isinstance(exc, OSError) and exc.errno is not None
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}; check the path, its permissions and the free disk space."
+    return str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).strip().replace("\n", " ")
+
+
+def _store():
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # no store to talk through (a backend without one)
+        return None
+
+
+def _rank_0_reports(exc: BaseException, store) -> bool:
+    """On a rank other than 0: whether rank 0 says this error (then this rank stays quiet)."""
+    from datetime import timedelta
+
+    if store is None:  # before the process group: errors every rank finds alike, unless the error says otherwise
+        return getattr(exc, "rank_0_reports", True)
+    try:
+        store.wait([_REPORTED], timedelta(seconds=REPORT_WAIT_S))
+        store.add(_HEARD, 1)
+        return True
+    except Exception:  # rank 0 did not report within the wait, or is gone
+        return False
+
+
+def report(exc: BaseException) -> None:
+    """Say ``exc`` once (see the module docstring) and leave with exit status 2. Inside a process group the process
+    leaves at once (``os._exit``): the group's exit handlers would wait for peers that are not coming."""
+    rank, store = _rank(), _store()
+    line = _one_line(exc)
+    if rank == 0:
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        if store is not None:
+            try:
+                store.set(_REPORTED, "1")
+                others, deadline = int(os.environ.get("WORLD_SIZE", 1)) - 1, time.monotonic() + REPORT_WAIT_S
+                while store.add(_HEARD, 0) < others and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            except Exception:  # the store went away with a peer: nothing more to tell
+                pass
+    elif not _rank_0_reports(exc, store):
+        print(f"error: {line if line.startswith('rank ') else f'rank {rank}: {line}'}", file=sys.stderr, flush=True)
+    if store is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+    raise SystemExit(2) from None
+
+
+@contextlib.contextmanager
+def after_model_load():
+    """Around the rest of a recipe (model, data, training): an hfpipe user error (:func:`is_user_error`) is one
+    line and exit status 2 (:func:`report`); anything else propagates with its traceback."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_user_error(exc):
+            raise
+        report(exc)
 
 
 def world_size() -> int:
