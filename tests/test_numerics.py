@@ -189,3 +189,51 @@ def test_bf16_run_exports_its_fp32_masters(dist_pool, tmp_path, export_dtype):
     assert module.dtype == torch.bfloat16 and not torch.equal(master, module.float())  # masters hold more bits
     want = master if export_dtype == "auto" else master.to(torch.bfloat16)
     assert saved[name].dtype == want.dtype and torch.equal(saved[name], want)
+
+
+class _Fp16Engine:
+    """The parts of a DeepSpeed fp16 engine that hfpipe's logs read, driven by DeepSpeed's own code: the dynamic
+    loss scale (``LossScaleConfig`` + ``FP16_UnfusedOptimizer._update_scale``) and the engine's overflow count
+    (``DeepSpeedEngine._get_optimizer_loss_scale``). fp16 is refused on CPU, so no real fp16 engine runs here."""
+
+    def __init__(self):
+        from deepspeed.runtime.engine import DeepSpeedEngine
+        from deepspeed.runtime.fp16.loss_scaler import (INITIAL_LOSS_SCALE, MIN_LOSS_SCALE, SCALE_WINDOW,
+                                                         LossScaleConfig)
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+        self.optimizer = type("Opt", (), {"_update_scale": FP16_UnfusedOptimizer._update_scale, "verbose": False})()
+        self.optimizer.loss_scale_config = LossScaleConfig(
+            torch.float16, True, 1.0, {INITIAL_LOSS_SCALE: 2.0 ** 16, SCALE_WINDOW: 1000, MIN_LOSS_SCALE: 1.0})
+        self._get_optimizer_loss_scale = DeepSpeedEngine._get_optimizer_loss_scale.__get__(self)
+        self.skipped_steps = 0
+
+    def fp16_enabled(self):
+        return True
+
+    def step(self, overflow: bool):  # what DeepSpeed's optimizer step and _take_model_step do with an overflow
+        self.optimizer._update_scale(overflow)
+        self.optimizer.loss_scale_config.cur_iter += 1
+        self.skipped_steps += int(overflow)
+
+    def get_global_grad_norm(self):
+        return None
+
+
+def test_fp16_overflow_skips_and_loss_scale_drops_are_logged():
+    from types import SimpleNamespace
+
+    from hfpipe.training.numerics import fp16_logs
+    from hfpipe.training.trainer import PipelineTrainer
+
+    engine = _Fp16Engine()
+    start = fp16_logs(engine)
+    assert start == {"skipped_overflow_steps": 0, "loss_scale": 2.0 ** 16}  # DeepSpeed's initial_scale_power 16
+    for overflow in (True, True, False):
+        engine.step(overflow)
+    trainer = SimpleNamespace(engine=engine, nonfinite=SimpleNamespace(skipped_steps=0), global_batch_size=4,
+                              needs_data=False)
+    logs = PipelineTrainer._train_logs(trainer, [2.5, 2.0, 1.5], 0, 1.0, 1e-3)
+    assert (logs["loss"], logs["skipped_overflow_steps"], logs["loss_scale"]) == (2.0, 2, 2.0 ** 14)  # halved twice
+    assert logs["samples_per_second"] == 12.0
+    assert fp16_logs(SimpleNamespace(fp16_enabled=lambda: False)) == {}  # bf16/fp32: no scale to report

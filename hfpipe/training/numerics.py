@@ -5,6 +5,7 @@ overflow), and by the time the loss is known every stage's weights have taken th
 
 - each stage's forward (a hook on the stage module) records whether it turned finite inputs into non-finite
   outputs, so when the loss is NaN the first such stage can be named, with its layers;
+- fp16's own overflow skips are DeepSpeed's; :func:`fp16_logs` puts them and the loss scale in the logs;
 - the optimizer step: with ``skip_nonfinite_steps`` every rank checks its own gradients before the update and the
   replica agrees (one all-reduce over all ranks, at the optimizer step every rank executes once per batch) to skip
   the update and clear the gradients when any rank has a non-finite one, as fp16's scaler skips an overflow.
@@ -17,6 +18,19 @@ from __future__ import annotations
 import math
 
 import torch
+
+
+def fp16_logs(engine) -> dict:
+    """fp16's dynamic loss scaling in the training logs: ``loss_scale`` (the scaler's current scale) and
+    ``skipped_overflow_steps`` (steps DeepSpeed skipped on a gradient overflow since the start, as its engine counts
+    them and saves them in checkpoints). Empty without fp16: bf16 and fp32 do not scale."""
+    if not engine.fp16_enabled():
+        return {}
+    scale = engine._get_optimizer_loss_scale()
+    logs = {"skipped_overflow_steps": int(engine.skipped_steps)}
+    if scale is not None:
+        logs["loss_scale"] = float(scale)
+    return logs
 
 
 class NonFiniteLossError(RuntimeError):

@@ -24,7 +24,7 @@ from hfpipe.core.builder import resolve_model
 from hfpipe.core.dsconfig import check_fp16_supported
 from hfpipe.core.heads import head_for_class
 from hfpipe.core.partition import parse_partition_method
-from hfpipe.training.numerics import NonFiniteGuard, check_initial_weights
+from hfpipe.training.numerics import NonFiniteGuard, check_initial_weights, fp16_logs
 from hfpipe.training import checkpointing, evaluation, failfast, outputs
 from hfpipe.training.arguments import PipelineTrainingArguments
 from hfpipe.training.callbacks import default_callbacks
@@ -219,6 +219,7 @@ class PipelineTrainer:
             logs["grad_norm"] = float(gn)
         if self.nonfinite.skipped_steps:
             logs["skipped_nonfinite_steps"] = self.nonfinite.skipped_steps
+        logs.update(fp16_logs(self.engine))  # overflow skips and the loss scale
         logs["samples_per_second"] = len(window) * self.global_batch_size / max(seconds, 1e-9)
         if self.needs_data and self.engine.is_first_stage():
             logs["tokens_per_second"] = tokens / max(seconds, 1e-9)
