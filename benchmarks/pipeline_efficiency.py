@@ -199,7 +199,8 @@ def rank_run(variants, num_stages: int, num_micro_batches: int, t_forward: float
                    "instructions_ms_per_step": {k: 1e3 * t / steps for k, t in sorted(totals[v].items())},
                    "parts": built[v][2],
                    # DualPipeV counts chunks: two make one stage's micro-batch of activations
-                   "peak_in_flight": memory[v].get("peak", 0) / (2 if v == "hfpipe-dualpipev" else 1)}
+                   "peak_in_flight": memory[v].get("peak", 0) / 2 if v == "hfpipe-dualpipev"
+                   else memory[v].get("peak", 0)}
                for v in names}
         del built
         return out[names[0]] if isinstance(variants, str) else out

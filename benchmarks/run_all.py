@@ -180,7 +180,7 @@ def render(path: str = os.path.join(BENCH, "RESULTS.md")) -> str:
                       ("packed_ms", "one packed tensor (ms/slot)", "+.2f")]), ""]
     sched = _load(os.path.join(RESULTS_DIR, "cpu-schedules", "pipeline_efficiency.json"))
     if sched:  # written by benchmarks/pipeline_efficiency.py --schedules
-        lines += ["### Schedules: 1F1B vs zero-bubble ZB-H1 (`--pipeline_schedule`)", "", _env_line(sched["env"]), "",
+        lines += ["### Schedules: 1F1B vs zero-bubble ZB-H1 and DualPipeV (`--pipeline_schedule`)", "", _env_line(sched["env"]), "",
                   f"Command: `{sched['command']}`", "", pipeline_efficiency.markdown_schedules(sched), ""]
     if small:
         lines += ["## Single stage, small shape (CPU smoke run)", "", _env_line(small["env"]), "",
