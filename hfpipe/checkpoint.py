@@ -90,6 +90,8 @@ def _builder_for_checkpoint(root: Path, model=None, model_class=None):
         config, model_class, _ = resolve_pretrained(model, model_class)
         model = config
     builder = prepare(model, model_class)
+    if manifest is not None:
+        builder.adapter.follow_checkpoint(manifest)
     infos = builder.layers()
     if manifest is not None:
         check_manifest(manifest, builder, infos, root)

@@ -200,6 +200,18 @@ def _warpers(temperature: float, top_k: int | None, top_p: float | None) -> Logi
     return warpers
 
 
+def _pick_tokens(logits, ids_so_far, warpers, generator, unfinished, pad_token_id) -> torch.Tensor:
+    """The last stage's next token per row: argmax, or a draw from HF's warped distribution (``warpers`` not
+    ``None``); ``pad_token_id`` for rows that have finished."""
+    logits = logits.to(torch.float32)
+    if warpers is not None:
+        probs = torch.softmax(warpers(ids_so_far, logits), dim=-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    else:
+        tokens = logits.argmax(dim=-1)
+    return torch.where(unfinished, tokens, torch.full_like(tokens, pad_token_id))
+
+
 @torch.no_grad()
 def generate(model, inputs, attention_mask: torch.Tensor | None = None, *, max_new_tokens: int = 64,
              do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -273,14 +285,7 @@ def generate(model, inputs, attention_mask: torch.Tensor | None = None, *, max_n
             out = stage.forward(x, attention_mask, step_pos)
             tokens = None
             if stage.is_last:
-                logits = out.to(torch.float32)
-                if do_sample:
-                    scores = warpers(input_ids, logits)
-                    probs = torch.softmax(scores, dim=-1)
-                    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-                else:
-                    tokens = logits.argmax(dim=-1)
-                tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad_token_id))
+                tokens = _pick_tokens(out, input_ids, warpers, generator, unfinished, pad_token_id)
             else:
                 stage.send_hidden(out)
             tokens = stage.share_tokens(tokens, batch)
@@ -455,13 +460,7 @@ def _generate_seq2seq(pipe, input_ids, attention_mask, *, max_new_tokens, do_sam
             out = stage.decode(x, torch.ones_like(out_ids))
             tokens = None
             if stage.is_last:
-                logits = out.to(torch.float32)
-                if do_sample:
-                    probs = torch.softmax(warpers(out_ids, logits), dim=-1)
-                    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-                else:
-                    tokens = logits.argmax(dim=-1)
-                tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad_token_id))
+                tokens = _pick_tokens(out, out_ids, warpers, generator, unfinished, pad_token_id)
             else:
                 stage.send_hidden(out)
             tokens = stage.share_tokens(tokens, batch)

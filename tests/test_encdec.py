@@ -35,7 +35,6 @@ def check(report):
 
 CASES = [
     ("t5", {}, 2, T5_IN_ENCODER, "left"),
-    ("t5", T5_V11, 2, T5_SEAM, "right"),
     ("t5", {}, 2, T5_IN_DECODER, "right"),
     ("bart", {}, 2, BART_IN_DECODER, "right"),
     ("mbart", {}, 2, BART_SEAM, "left"),
@@ -54,6 +53,32 @@ def test_verify_encoder_decoder(dist_pool, model_type, overrides, stages, partit
     check(report)
     if not isinstance(partition, str):
         assert report["parts"][:-1] == partition
+
+
+def test_verify_untied_t5_v11_checkpoint(dist_pool, tmp_path):
+    """A T5 v1.1 checkpoint with its own LM head (as on the Hub), cut at the encoder/decoder seam: the untied
+    ``Seq2SeqHead`` layer trains like HF's untied ``lm_head`` (its gradient is not summed into the shared table's)."""
+    _untied_t5_folder(tmp_path / "hf")
+    spec = ModelSpec(class_name="T5ForConditionalGeneration", path=str(tmp_path / "hf"), seed=0)
+    report = verify(spec, stages=2, micro_batches=4, batch_size=8, seq_len=12, partition=T5_SEAM, padding="right",
+                    pool=dist_pool(2))
+    check(report)
+    assert report["parts"][:-1] == T5_SEAM
+
+
+def test_lora_matches_peft_t5(dist_pool):
+    """LoRA (r=8 on T5's q/v in every encoder and decoder block, PEFT's SEQ_2_SEQ_LM task type) through 2 stages cut
+    inside the encoder: loss, logits and every trainable gradient equal ``peft.get_peft_model``'s, and the pipeline
+    trains exactly PEFT's parameters."""
+    from peft import LoraConfig
+
+    report = verify(spec_for("t5"), stages=2, micro_batches=2, batch_size=4, seq_len=10, partition=T5_IN_ENCODER,
+                    pool=dist_pool(2), lora=LoraConfig(r=8, lora_alpha=16, target_modules=["q", "v"]))
+    assert report["passed"], format_report(report)
+    assert report["loss_rel_err"] <= 1e-5 and report["max_rel_grad_err"] <= 1e-5
+    # A and B of q and v: self-attention in 3 + 2 blocks, cross-attention in the 2 decoder blocks
+    assert report["num_params"] == 2 * 2 * (3 + 2 + 2), format_report(report)
+    assert report["trainable_pipeline"] == report["trainable_hf"] > 0
 
 
 def _builder(model_type, **overrides):
@@ -130,7 +155,8 @@ def _rank_generate(model_type, overrides, stages, partition, ids, mask, kwargs):
 
 GEN_CASES = [("t5", {}, 1, "parameters"), ("t5", T5_V11, 2, T5_IN_DECODER), ("t5", {}, 4, [0, 4, 9, 12]),
              ("bart", {"forced_eos_token_id": None, "eos_token_id": 127}, 2, BART_IN_DECODER),
-             ("marian", {"forced_eos_token_id": None, "eos_token_id": 127}, 4, [0, 3, 6, 8])]
+             ("marian", {"forced_eos_token_id": None, "eos_token_id": 127}, 4, [0, 3, 6, 8]),
+             ("mbart", {"forced_eos_token_id": None, "eos_token_id": 127}, 2, BART_SEAM)]
 
 
 @pytest.mark.parametrize("model_type,overrides,stages,partition", GEN_CASES,
@@ -166,8 +192,36 @@ def test_bad_models_are_one_clear_error():
     with pytest.raises(UnsupportedModelError, match="no config.decoder_start_token_id.*Set it"):
         prepare(config, transformers.AutoModelForSeq2SeqLM, device="meta")
     classifier = prepare(family_config("bart"), transformers.AutoModelForSequenceClassification, device="meta")
-    with pytest.raises(UnsupportedModelError, match="encoder-decoder with a sequence-classification head"):
+    with pytest.raises(UnsupportedModelError, match="encoder-decoder with a sequence-classification head; hfpipe "
+                       r"runs bart only as a sequence-to-sequence LM \(BartForConditionalGeneration\): load it with "
+                       "AutoModelForSeq2SeqLM"):
         classifier.layers()
+    # an encoder-decoder's class without the encoder + decoder (a decoder alone, an encoder + classifier)
+    with pytest.raises(UnsupportedModelError, match=r"BartForCausalLM lacks model.encoder, model.decoder or "
+                       r"model.shared; hfpipe runs bart only as a sequence-to-sequence LM"):
+        prepare(family_config("bart"), transformers.AutoModelForCausalLM, device="meta")
+    with pytest.raises(UnsupportedModelError, match="T5ForTokenClassification lacks encoder, decoder or shared"):
+        prepare(family_config("t5"), transformers.AutoModelForTokenClassification, device="meta")
+
+
+def test_encoder_decoder_and_decoder_tasks_swapped(tmp_path):
+    """A T5 folder given to a decoder task (finetune_causal_lm.py loads AutoModelForCausalLM) and a Llama given as
+    a seq2seq LM: one line saying which class to use instead."""
+    import transformers
+
+    from hfpipe.core.builder import prepare
+    from hfpipe.core.meta import UnsupportedModelError
+
+    config = family_config("t5", architectures=["T5ForConditionalGeneration"])
+    transformers.T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5")
+    with pytest.raises(UnsupportedModelError, match=r"AutoModelForCausalLM has no model for config type T5Config "
+                       r"\(model_type='t5'\); it is an encoder-decoder, which hfpipe runs as AutoModelForSeq2SeqLM "
+                       r"only \(summarization / translation: recipes/finetune_summarization.py"):
+        prepare(str(tmp_path / "t5"), transformers.AutoModelForCausalLM, device="meta")
+    with pytest.raises(UnsupportedModelError, match=r"AutoModelForSeq2SeqLM has no model for config type LlamaConfig "
+                       r"\(model_type='llama'\); it is not an encoder-decoder .*: a decoder-only model runs as "
+                       "AutoModelForCausalLM"):
+        prepare(family_config("llama"), transformers.AutoModelForSeq2SeqLM, device="meta")
 
 
 def _t2t(tmp_path, model_type="t5", **data):
@@ -185,12 +239,17 @@ def _t2t(tmp_path, model_type="t5", **data):
 
 def test_seq2seq_features_and_bad_input(tmp_path):
     """Source (with --source_prefix) to the encoder, target + EOS as labels, decoder inputs = labels shifted right
-    behind decoder_start_token_id, every column --max_seq_length wide; too-long targets / sources refused."""
-    task, raw, tok = _t2t(tmp_path, source_prefix="summarize : ", max_target_length=12)
+    behind decoder_start_token_id; sources --max_seq_length wide, the decoder side --max_target_length wide (eval:
+    --val_max_target_length), kept so by the task's collator; too-long targets / sources refused."""
+    task, raw, tok = _t2t(tmp_path, source_prefix="summarize : ", max_target_length=12, val_max_target_length=16)
     assert task.encoder_decoder and task.auto_class.__name__ == "AutoModelForSeq2SeqLM"
     train, evald = task.prepare(tok, raw, 48)
     row = train[0]
-    assert len(row["input_ids"]) == len(row["labels"]) == len(row["decoder_input_ids"]) == 48
+    assert len(row["input_ids"]) == len(row["attention_mask"]) == 48
+    assert len(row["labels"]) == len(row["decoder_input_ids"]) == len(row["decoder_attention_mask"]) == 12
+    assert len(evald[0]["labels"]) == len(evald[0]["decoder_input_ids"]) == 16
+    batch = task.data_collator(tok, 48)([train[i] for i in range(4)])
+    assert batch["input_ids"].shape == (4, 48) and batch["labels"].shape == batch["decoder_input_ids"].shape == (4, 12)
     assert tok.decode(row["input_ids"], skip_special_tokens=True).startswith("summarize : ")
     n = sum(row["decoder_attention_mask"])
     assert row["labels"][n - 1] == tok.eos_token_id and row["labels"][n] == -100
@@ -225,3 +284,56 @@ def test_t5_tables_initialised_from_config():
     block = infos[3].spec.build().layer  # T5Attention's branch: q ~ (d_model * d_kv) ** -0.5, not the Linear default
     assert float(block.layer[0].SelfAttention.q.weight.std()) == pytest.approx((32 * 8) ** -0.5, rel=0.2)
     assert float(block.layer[1].DenseReluDense.wo.weight.std()) == pytest.approx(64 ** -0.5, rel=0.2)
+
+
+# ------------------------------------------------------------------------------------------------------ round trips
+def _untied_t5_folder(folder):
+    """A T5 v1.1 folder as the Hub's (Flan-)T5 v1.1 / mT5 checkpoints are: ``lm_head.weight`` stored beside, and
+    different from, ``shared.weight`` (transformers 5 builds every T5 tied; ``from_pretrained`` unties such files)."""
+    from safetensors.torch import save_file
+    from transformers import T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = family_config("t5", **T5_V11, architectures=["T5ForConditionalGeneration"])
+    state = {k: v.clone().contiguous() for k, v in T5ForConditionalGeneration(config).state_dict().items()
+             if not k.endswith("embed_tokens.weight")}
+    state["lm_head.weight"] = torch.randn_like(state["shared.weight"]) * 0.1
+    folder.mkdir()
+    config.save_pretrained(folder)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return T5ForConditionalGeneration.from_pretrained(folder).eval()
+
+
+@pytest.mark.parametrize("model_type", ["t5-v1.1-untied", "bart"])
+def test_convert_export_round_trip(tmp_path, model_type):
+    """HF folder -> ``convert`` (2 stages) -> ``export``: ``from_pretrained`` of the export is HF's model, every
+    tensor and the logits bit for bit. T5 v1.1's stored LM head stays its own (the untied Seq2SeqHead layer; before,
+    the pipeline silently used the shared table as the head)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from hfpipe.checkpoint import convert, export
+
+    folder = tmp_path / "hf"
+    if model_type == "bart":
+        torch.manual_seed(0)
+        hf = AutoModelForSeq2SeqLM.from_config(family_config("bart"))
+        hf.save_pretrained(folder)
+        hf.eval()
+    else:
+        hf = _untied_t5_folder(folder)
+        assert hf.lm_head.weight.data_ptr() != hf.get_input_embeddings().weight.data_ptr()
+    manifest = convert(folder, tmp_path / "ckpt", num_stages=2, progress=False)
+    head = manifest["layers"][-1]["name"]
+    assert head == ("TiedHead" if model_type == "bart" else "Seq2SeqHead"), manifest["layers"][-1]
+    assert manifest["missing_keys"] == [] and manifest["unused_keys"] == []
+    out = AutoModelForSeq2SeqLM.from_pretrained(export(tmp_path / "ckpt", tmp_path / "out", progress=False)).eval()
+    theirs = dict(out.state_dict())
+    for name, t in hf.state_dict().items():
+        assert torch.equal(t, theirs[name]), name
+    tied = out.lm_head.weight.data_ptr() == out.get_input_embeddings().weight.data_ptr()
+    assert tied == (model_type == "bart")
+    ids, mask = _sources()
+    dec = torch.randint(3, 128, (4, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(out(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits,
+                                   hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits, rtol=0, atol=0)

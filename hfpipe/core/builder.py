@@ -27,7 +27,7 @@ from hfpipe.core.costs import default_seq_len, layer_costs as estimate_costs
 from hfpipe.core.heads import BaseModelOutput, Head, TiedLMHead, head_for_class, task_shell
 from hfpipe.core.layers import (AttentionHalfBlock, Block, BodyShell, Final, LayerKind, MLPHalfBlock, TokenEmbedding,
                                 supports_half_blocks)
-from hfpipe.core.meta import UnsupportedModelError, build_meta_model, is_tied
+from hfpipe.core.meta import UnsupportedModelError, build_meta_model, is_tied, no_model_for_config
 from hfpipe.core.weights import StateDictSource, resolve_pretrained
 
 TIE_KEY = "embed"
@@ -211,10 +211,7 @@ def resolve_model(model, model_class=None):
             try:
                 model_class = mapping[type(model)]
             except KeyError:
-                raise UnsupportedModelError(
-                    f"{model_class.__name__} has no model for config type {type(model).__name__} "
-                    f"(model_type={model.model_type!r})."
-                ) from None
+                raise no_model_for_config(model, model_class) from None
         return model, model_class, None
     if isinstance(model, (str, os.PathLike)):
         return resolve_pretrained(model, model_class)

@@ -215,8 +215,9 @@ class Block(PipeLayer):
         super().__init__(builder, index)
         a = self.adapter
         self.block_index = block_index
-        self._prefix = a.hf_prefix(f"{a.layers_path}.{block_index}")
-        meta_layer = a.meta_base.get_submodule(a.layers_path)[block_index]
+        path = self._blocks_path()
+        self._prefix = a.hf_prefix(f"{path}.{block_index}")
+        meta_layer = a.meta_base.get_submodule(path)[block_index]
         self.layer = self._materialize(self._own_part(meta_layer), "", self._prefix)
         if self.has_attention:
             self.aux = nn.Module()
@@ -224,6 +225,10 @@ class Block(PipeLayer):
                 meta_aux = a.meta_base.get_submodule(path)
                 setattr(self.aux, path.replace(".", "_"),
                         materialize(builder.meta_copy(meta_aux), builder.init_owner, device=builder.device))
+
+    def _blocks_path(self) -> str:
+        """Where the HF blocks live in the body (encoder-decoders: one list per stack)."""
+        return self.adapter.layers_path
 
     def _own_part(self, meta_layer: nn.Module) -> nn.Module:
         """The (meta) module this layer computes: the whole block."""

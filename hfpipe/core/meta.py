@@ -22,6 +22,22 @@ class UnsupportedModelError(ValueError):
     """The model (family, head or configuration) cannot be turned into a pipeline."""
 
 
+def no_model_for_config(config, model_class) -> UnsupportedModelError:
+    """The error for an ``AutoModelFor...`` class without a model for ``config``; says the fix when an
+    encoder-decoder meets a decoder task or the reverse."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    hint = ""
+    if getattr(config, "is_encoder_decoder", False) and type(config) in AutoModelForSeq2SeqLM._model_mapping:
+        hint = ("; it is an encoder-decoder, which hfpipe runs as AutoModelForSeq2SeqLM only (summarization / "
+                "translation: recipes/finetune_summarization.py, recipes/finetune_translation.py)")
+    elif model_class is AutoModelForSeq2SeqLM:
+        hint = ("; it is not an encoder-decoder (T5, mT5, BART, mBART, Marian): a decoder-only model runs as "
+                "AutoModelForCausalLM (the summarization and translation recipes take those too)")
+    return UnsupportedModelError(f"{model_class.__name__} has no model for config type {type(config).__name__} "
+                                 f"(model_type={config.model_type!r}){hint}.")
+
+
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path) if path else root
 

@@ -308,6 +308,10 @@ def resolve_pretrained(path_or_hub_id, model_class=None):
         model_class = transformers_class(archs[0], f"config.architectures of {folder}")
     mapping = getattr(model_class, "_model_mapping", None)
     if mapping is not None:
+        if type(config) not in mapping:
+            from hfpipe.core.meta import no_model_for_config
+
+            raise no_model_for_config(config, model_class)
         model_class = mapping[type(config)]
     meta = _meta_model(config, model_class)
     source = SafetensorsSource(folder, dtype=_config_dtype(config),

@@ -35,7 +35,10 @@ class Task(Protocol):
     ``prepare(tokenizer, raw, max_seq_length)`` encodes both splits into fixed-shape features (the pipeline's input
     and label columns, every row ``max_seq_length`` wide) and returns ``(train, eval)``; ``compute_metrics(eval_ds)``
     returns the trainer's ``EvalPrediction -> dict`` for those eval features. ``auto_class`` is the
-    ``AutoModelFor...`` class the task trains (it picks the pipeline's head).
+    ``AutoModelFor...`` class the task trains (it picks the pipeline's head). A task whose columns are not all
+    ``max_seq_length`` wide (encoder-decoders: the decoder side is ``--max_target_length``) may also define
+    ``data_collator(tokenizer, max_seq_length)``, the trainer's collator (default: every column padded to
+    ``max_seq_length``).
     """
 
     auto_class: type
@@ -290,9 +293,11 @@ def _run(task, raw, model_args, data_args, args, build) -> dict:
     generation_fn = task.generation_fn(tokenizer, args.generation_max_length) \
         if isinstance(task, GenerativeTask) else None
     task.output_dir = args.output_dir  # where a task writes its prediction files (QA)
+    own_collator = getattr(task, "data_collator", None)
     trainer = PipelineTrainer(model, args, train_dataset=train_ds if args.do_train else None,
                               eval_dataset=eval_ds, compute_metrics=task.compute_metrics(eval_ds),
-                              processing_class=tokenizer, model_class=task.auto_class, generation_fn=generation_fn)
+                              processing_class=tokenizer, model_class=task.auto_class, generation_fn=generation_fn,
+                              data_collator=own_collator(tokenizer, args.max_seq_length) if own_collator else None)
     metrics: dict = {}
     if args.do_train:
         resume = args.resume_from_checkpoint

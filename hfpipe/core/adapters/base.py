@@ -61,6 +61,10 @@ class Adapter:
         """``batch`` with inputs the family derives when absent (encoder-decoders: shifted labels)."""
         return batch
 
+    def follow_checkpoint(self, manifest: dict) -> None:
+        """Take a layout the weights of a pipeline checkpoint chose and its config cannot say (an encoder-decoder's
+        untied LM head), before the layer list is built from a config alone."""
+
     def pack_boundary(self, inputs: tuple):
         """What a stage sends to the next (:func:`hfpipe.core.layers.pack_boundary`)."""
         from hfpipe.core.layers import pack_boundary

@@ -2,7 +2,8 @@
 
 The layer list, the same at any stage count (so checkpoints convert, export and resume like the others)::
 
-    Embedding        the shared token table: embeds input_ids and decoder_input_ids (tied to the LM head)
+    Embedding        the shared token table: embeds input_ids and decoder_input_ids (tied to the LM head, unless
+                     the weights store a head of their own: T5 v1.1 / Flan-T5 / mT5 checkpoints, untie_if_stored)
     EncoderShell     the encoder stack's own forward with no blocks (positions, embedding norm, dropout)
     [EncoderBias]    T5 only: the encoder's relative position bias, in front of every encoder block
     EncoderBlock x E
@@ -39,8 +40,10 @@ from transformers import masking_utils
 
 from hfpipe.core.adapters.base import Adapter, UnsupportedModelError
 from hfpipe.core.adapters.registry import register_adapter
-from hfpipe.core.layers import LayerKind, LayerTraits, PipeLayer, _prefixed
+from hfpipe.core.heads import _BodyOutput, _StubBody
+from hfpipe.core.layers import Block, LayerKind, LayerTraits, PipeLayer, _prefixed
 from hfpipe.core.meta import copy_without, get_submodule, materialize
+from hfpipe.core.weights import StateDictSource
 
 EMBED_TIE_KEY = "embed"
 #: the four tensors every enc-dec layer takes and returns (preludes append the position bias)
@@ -77,7 +80,12 @@ class EncDecAdapter(Adapter):
         self.model_class = model_class
         self.meta_model = meta_model
         self.base_prefix = self.body_prefix
-        self.meta_base = get_submodule(meta_model, self.body_prefix)
+        try:
+            self.meta_base = get_submodule(meta_model, self.body_prefix)
+            self.blocks("encoder"), self.blocks("decoder"), self.shared
+        except AttributeError:  # BartForCausalLM, T5ForTokenClassification, T5EncoderModel, BartModel, ...
+            p = f"{self.body_prefix}." if self.body_prefix else ""
+            raise seq2seq_only(self, f"lacks {p}encoder, {p}decoder or {p}{self.shared_path}") from None
         self.validate()
 
     def validate(self) -> None:
@@ -212,14 +220,12 @@ class EncDecAdapter(Adapter):
         """The fixed layer list as ``LayerInfo`` fields ``(spec, layer class, cut_allowed, num_params[, block])``
         (``hfpipe.core.builder`` wraps them), see the module docstring."""
         if not getattr(builder.head, "encoder_decoder", False):
-            raise UnsupportedModelError(
-                f"{self.model_class.__name__} is an encoder-decoder with a {builder.head.name} head; hfpipe runs "
-                "encoder-decoders as sequence-to-sequence LMs only (T5ForConditionalGeneration, "
-                "BartForConditionalGeneration, ...: AutoModelForSeq2SeqLM).")
+            raise seq2seq_only(self, f"is an encoder-decoder with a {builder.head.name} head")
 
         def count(module):
             return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
+        untie_if_stored(self, builder.source)
         tied = builder.tied = is_tied_head(self)
         infos = []
         spec = (TiedLayerSpec(EMBED_TIE_KEY, SharedEmbedding, builder, 0, tied_weight_attr=["embed.weight"]) if tied
@@ -267,6 +273,21 @@ class EncDecAdapter(Adapter):
         """Small stand-ins the task model's ``_init_weights`` touches on the head shell's root (dropped after)."""
         return {}
 
+    def follow_checkpoint(self, manifest: dict) -> None:
+        """A pipeline checkpoint's LM head is untied when its manifest lists the untied head layer."""
+        untie_if_stored(self, manifest=manifest)
+
+
+def seq2seq_only(adapter, what: str) -> UnsupportedModelError:
+    """The error for an encoder-decoder family's class other than its sequence-to-sequence LM."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    seq2seq = AutoModelForSeq2SeqLM._model_mapping.get(type(adapter.config), None)
+    return UnsupportedModelError(
+        f"{adapter.model_class.__name__} {what}; hfpipe runs {adapter.config.model_type} only as a "
+        f"sequence-to-sequence LM ({seq2seq.__name__ if seq2seq else 'AutoModelForSeq2SeqLM'}): load it with "
+        "AutoModelForSeq2SeqLM and fine-tune it with recipes/finetune_summarization.py or finetune_translation.py.")
+
 
 def _info(spec, layer, cut_allowed, num_params, block=None) -> tuple:
     return (spec, layer, cut_allowed, num_params, block)
@@ -277,6 +298,41 @@ def is_tied_head(adapter) -> bool:
     return out is not None and out.weight is adapter.shared.weight
 
 
+def untie_if_stored(adapter, source=None, manifest=None) -> None:
+    """Give the meta model its own LM head when the weights have one, as HF does; decided once, from the first
+    weight source (or checkpoint manifest) seen.
+
+    The families' models tie the head to the shared table whatever the config says (transformers 5 forces T5's
+    ``tie_word_embeddings=True``; ``False`` only turns the output scaling off), but ``from_pretrained`` unties them
+    when the checkpoint stores an ``lm_head.weight`` that differs from the table -- every T5 v1.1 / Flan-T5 /
+    mT5 checkpoint -- and a model instance may hold two tensors. The same rule here: an HF folder storing a
+    different head, an instance whose head is another tensor, or a pipeline checkpoint whose manifest lists the
+    untied head layer."""
+    manifest = manifest if manifest is not None else getattr(source, "manifest", None)
+    if getattr(adapter, "_untie_decided", False) or (source is None and manifest is None):
+        return
+    adapter._untie_decided = True
+    if not is_tied_head(adapter):
+        return
+    lm_name, table_name = _lm_head_path(adapter) + ".weight", adapter.hf_prefix(adapter.shared_path) + "weight"
+    if manifest is not None:
+        untied = any(d["name"] == Seq2SeqHead.layer_name for d in manifest["layers"])
+    elif isinstance(source, StateDictSource):  # a model instance: two tensors or one (uncast: the state dict itself)
+        head, table = source.state_dict.get(lm_name), source.state_dict.get(table_name)
+        untied = head is not None and table is not None and head.data_ptr() != table.data_ptr()
+    elif source._resolve(lm_name) != lm_name:  # not stored on its own: HF ties it
+        return
+    else:  # stored on its own: untied when the values differ (from_pretrained's rule)
+        head, table = source.get(lm_name), source.get(table_name)
+        untied = head is not None and table is not None and not torch.equal(head, table)
+    if untied:
+        parent, _, name = _lm_head_path(adapter).rpartition(".")
+        old = adapter.meta_model.get_output_embeddings()
+        with torch.device("meta"):
+            setattr(adapter.meta_model.get_submodule(parent) if parent else adapter.meta_model, name,
+                    nn.Linear(old.in_features, old.out_features, bias=False))
+
+
 def _lm_head_path(adapter) -> str:
     out = adapter.meta_model.get_output_embeddings()
     for name, mod in adapter.meta_model.named_modules():
@@ -285,34 +341,9 @@ def _lm_head_path(adapter) -> str:
     raise UnsupportedModelError(f"{type(adapter.meta_model).__name__} has no LM head.")
 
 
-class _Stub(nn.Module):
-    """Stands in for the body inside the task model: returns the decoder output the pipeline computed."""
-
-    def __init__(self):
-        super().__init__()
-        self.output = None
-
-    def forward(self, *args, **kwargs):
-        out, self.output = self.output, None
-        return out
-
-
-class _DecoderOutput:
-    def __init__(self, hidden):
-        self.last_hidden_state = hidden
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return None
-
-    def __getitem__(self, key):
-        return self.last_hidden_state if key in (0, "last_hidden_state") else None
-
-
 def head_shell(adapter, drop_lm_head: bool = False) -> nn.Module:
     """Meta copy of the task model with its body replaced by stubs (and, tied, without the LM head's weight)."""
-    replace = {p: (_Stub() if i == 0 else None) for i, p in enumerate(adapter.head_body_paths)}
+    replace = {p: (_StubBody() if i == 0 else None) for i, p in enumerate(adapter.head_body_paths)}
     replace.update(adapter.head_placeholders())
     shell = copy_without(adapter.meta_model, replace)
     if drop_lm_head:
@@ -342,7 +373,7 @@ def _head_names(shell, adapter) -> dict[str, str]:
 
 def run_head(shell, adapter, inputs):
     enc, enc_mask, dec, dec_mask = inputs[:4]
-    shell.get_submodule(adapter.head_body_paths[0]).output = _DecoderOutput(dec)
+    shell.get_submodule(adapter.head_body_paths[0]).output = _BodyOutput(dec, None)
     out = shell(attention_mask=enc_mask, decoder_input_ids=dec_mask, encoder_outputs=(enc,))
     return out.logits
 
@@ -453,28 +484,27 @@ class DecoderShell(_Shell):
     stack, plan_label = "decoder", "dec.embed"
 
 
-class _StackBlock(_StackLayer):
-    """One HF encoder/decoder block, called as its stack's forward calls it."""
+class _StackBlock(Block):
+    """One HF encoder/decoder block, called as its stack's forward calls it (built as ``core.layers.Block`` builds a
+    decoder's block, from the stack's block list)."""
 
-    kind = LayerKind.BLOCK
-    checkpointable = True
-    has_attention = True
+    stack: str = "encoder"
 
     def __init__(self, builder, index: int, block_index: int):
-        super().__init__(builder, index)
+        super().__init__(builder, index, block_index)
+        self.adapter.init_parents(self, self.layer)
+
+    def _blocks_path(self) -> str:
+        return f"{self.stack}.{self.adapter.blocks_name}"
+
+    def _own_part(self, meta_layer: nn.Module) -> nn.Module:
         a = self.adapter
-        self.block_index = block_index
-        self._prefix = a.hf_prefix(f"{self.stack}.{a.blocks_name}.{block_index}")
-        meta = builder.meta_copy(a.blocks(self.stack)[block_index])
-        if a.relative_bias and block_index == 0:  # the table lives in the tied bias layer in front of the block
+        meta = super()._own_part(meta_layer)
+        if a.relative_bias and self.block_index == 0:  # the table lives in the tied bias layer in front of the block
             attn = a.bias_owner(meta)
             attn.relative_attention_bias = None
             attn.has_relative_attention_bias = False  # the bias always arrives as position_bias
-        self.layer = self._materialize(meta, "", self._prefix)
-        a.init_parents(self, self.layer)
-
-    def hf_names(self):
-        return _prefixed(self.layer, "layer.", self._prefix)
+        return meta
 
     def forward(self, inputs):
         enc, enc_mask, dec, dec_mask, *bias = inputs
