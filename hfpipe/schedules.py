@@ -842,6 +842,11 @@ def predict(schedule: str, stages: int, micro_batches: int, t_forward: float, t_
 
 
 def orders_table(schedule: str, stages: int, micro_batches: int) -> Sequence[str]:
-    """One line per stage with the compute order (``F0 F1 B0 W0 ...``), for docs and debugging."""
-    fn = zb_h1_order if check_schedule(schedule) == "zb-h1" else one_f_one_b_order
+    """One line per stage with the compute order (``F0 F1 B0 W0 ...``; dualpipev marks phase-1 passes ``F0'``),
+    for docs and debugging."""
+    name = check_schedule(schedule, num_stages=stages, micro_batches=micro_batches)
+    if name == "dualpipev" and stages > 1:
+        return [" ".join(f"{op}{j}{chr(39) * phase}" for op, phase, j in dualpipev_order(stages, micro_batches, i))
+                for i in range(stages)]
+    fn = zb_h1_order if name == "zb-h1" else one_f_one_b_order
     return [" ".join(f"{op}{j}" for op, j in fn(stages, micro_batches, i)) for i in range(stages)]

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from hfpipe.core.dsconfig import ConfigError, check_schedule, validate_pipeline_ds_config
-from hfpipe.schedules import _simulate_dualpipev, dualpipev_order, simulate, zb_h1_order
+from hfpipe.schedules import _simulate_dualpipev, dualpipev_order, orders_table, simulate, zb_h1_order
 from hfpipe.verify import format_report, verify
 
 from test_equivalence import spec_for
@@ -52,6 +52,8 @@ def test_dualpipev_order_and_theory(p, m, step):
         assert r["step_time"] == step < 3 * (m + p - 1)
         assert r["peak_in_flight"] == [p + 0.5] * p
     assert simulate("dualpipev", p, m, 1.0, 1.0, 1.0)["step_time"] == step
+    if (p, m) == (2, 4):  # rank 0 runs chunk 0 (F0..) and chunk 3 (F0'..), which ends in the loss
+        assert orders_table("dualpipev", p, m)[0] == "F0 F1 F2 F0' B0' F1' F3 B1' F2' B0 B2' F3' B1 B3' B2 B3"
 
 
 def test_schedule_errors():
