@@ -174,6 +174,26 @@ def test_greedy_generation_equals_hf(dist_pool, model_type, overrides, stages, p
     assert expected.shape[1] >= 5
 
 
+def _rank_generate_from(path, stages, partition, ids, mask, kwargs):
+    from hfpipe import to_pipeline
+    from hfpipe.generation import generate
+
+    pipe = to_pipeline(path, num_stages=stages, partition_method=partition)
+    return pipe.stage_id, generate(pipe, ids, mask, **kwargs)
+
+
+def test_greedy_generation_untied_head_equals_hf(dist_pool, tmp_path):
+    """A T5 v1.1 folder with its own LM head (the untied ``Seq2SeqHead`` layer on the last stage), loaded
+    stage-locally from the folder: greedy output equals HF's ``generate`` from the same folder."""
+    hf = _untied_t5_folder(tmp_path / "hf")
+    ids, mask = _sources()
+    expected = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, num_beams=1)
+    results = dist_pool(2).run(_rank_generate_from, str(tmp_path / "hf"), 2, T5_IN_DECODER, ids, mask,
+                               {"max_new_tokens": 8})
+    for stage, out in results:
+        assert torch.equal(out, expected), (stage, out, expected)
+
+
 def test_beam_search_is_refused(dist_pool):
     ids, mask = _sources(2)
     with pytest.raises(Exception, match="num_beams=2: beam search is not implemented"):
