@@ -162,7 +162,8 @@ def train_losses(schedule: str, stages: int, steps: int, bf16: bool = False, zer
 
 def trainer_losses(out_dir: str, schedules: list) -> dict:
     """Runs on every rank: three PipelineTrainer steps (tied Llama, 2 stages, 4 micro-batches, clipped AdamW,
-    padded LM rows) and one evaluation per schedule, each from the same initial weights and data order; then two
+    padded LM rows) and one evaluation per schedule, each from the same initial weights and data order (dualpipev
+    also resumed from its step-2 checkpoint for the third step); then two
     bf16 + ZeRO-1 steps per schedule through hfpipe.initialize (DeepSpeed's ZeRO optimizer over bf16 parameters)."""
     import torch
     from transformers import LlamaForCausalLM
@@ -172,19 +173,36 @@ def trainer_losses(out_dir: str, schedules: list) -> dict:
 
     from test_trainer import _lm_data
 
+    from transformers import TrainerCallback
+
+    class Steps(TrainerCallback):
+        def __init__(self):
+            self.n = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.n += 1
+
     out = {}
-    for schedule in schedules:
+    # dualpipev also saves at step 2 and is resumed from there (its layer files keep their global indices)
+    for schedule, resume in [(s, None) for s in schedules] + [("dualpipev", "dualpipev/checkpoint-2")]:
         torch.manual_seed(0)
         model = LlamaForCausalLM(spec_for("llama", "causal-lm", tie_word_embeddings=True).hf_config())
+        save = schedule == "dualpipev" and resume is None
         args = PipelineTrainingArguments(
-            output_dir=os.path.join(out_dir, schedule), num_stages=2, per_device_train_batch_size=1,
-            gradient_accumulation_steps=4, max_steps=3, learning_rate=1e-2, warmup_steps=0, max_seq_length=16,
-            train_sampling_strategy="sequential", pipeline_schedule=schedule, report_to=[], disable_tqdm=True,
-            plot_curves=False, export_final_model=False, save_strategy="no", logging_steps=1)
-        trainer = PipelineTrainer(model, args, train_dataset=_lm_data(8))
+            output_dir=os.path.join(out_dir, schedule + ("-resumed" if resume else "")), num_stages=2,
+            per_device_train_batch_size=1, gradient_accumulation_steps=4, max_steps=3, learning_rate=1e-2,
+            warmup_steps=0, max_seq_length=16, train_sampling_strategy="sequential", pipeline_schedule=schedule,
+            report_to=[], disable_tqdm=True, plot_curves=False, export_final_model=False,
+            save_strategy="steps" if save else "no", save_steps=2, logging_steps=1,
+            resume_from_checkpoint=resume and os.path.join(out_dir, resume))
+        steps = Steps()
+        trainer = PipelineTrainer(model, args, train_dataset=_lm_data(8), callbacks=[steps])
         trainer.train()
-        out[schedule] = {"schedule": schedule_of(trainer.engine),
-                         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        if resume:
+            out["dualpipev-resumed"] = {"losses": losses, "steps_run": steps.n}
+            continue
+        out[schedule] = {"schedule": schedule_of(trainer.engine), "losses": losses,
                          "eval_loss": trainer.evaluate(_lm_data(4, seed=3))["eval_loss"],
                          "tied_ranks": [c["ranks"] for c in trainer.pipe.tied_comms.values()]}
     out["bf16-zero1"] = {s: train_losses(s, 2, 2, bf16=True, zero=1) for s in ("1f1b", "zb-h1", "dualpipev")}
@@ -193,7 +211,8 @@ def trainer_losses(out_dir: str, schedules: list) -> dict:
 
 def test_schedules_loss_curves_equal_1f1b(dist_pool, tmp_path):
     """A PipelineTrainer run with zb-h1 and with dualpipev gives 1F1B's loss curve and eval loss (2 stages; pp x dp
-    is covered by the verify tests above), and so do both with bf16 + ZeRO-1 (to bf16 round-off: the micro-batch
+    is covered by the verify tests above), dualpipev resumed from a checkpoint continues it exactly, and so do both
+    with bf16 + ZeRO-1 (to bf16 round-off: the micro-batch
     gradients may be summed in another order)."""
     per_rank = dist_pool(2).run(trainer_losses, str(tmp_path), ["1f1b", "zb-h1", "dualpipev"])
     runs = per_rank[0]
@@ -206,6 +225,8 @@ def test_schedules_loss_curves_equal_1f1b(dist_pool, tmp_path):
         assert runs[schedule]["eval_loss"] == pytest.approx(runs["1f1b"]["eval_loss"], rel=1e-5), schedule
     # the tied embedding / LM head: across the first and last stage under 1F1B, on rank 0 alone under dualpipev
     assert [len(r) for r in runs["1f1b"]["tied_ranks"]] == [2] and runs["dualpipev"]["tied_ranks"] == [[0]]
+    resumed = runs["dualpipev-resumed"]  # one step after checkpoint-2: the uninterrupted third loss
+    assert resumed["steps_run"] == 1 and resumed["losses"][-1] == pytest.approx(one[2], rel=1e-6)
     bf16 = runs["bf16-zero1"]
     assert bf16["1f1b"]["optimizer"] == "DeepSpeedZeroOptimizer"
     for schedule in ("zb-h1", "dualpipev"):
