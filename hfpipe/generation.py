@@ -13,8 +13,9 @@ by the block's own cache layer. So after the prompt each new token costs one tok
 output equals ``model.generate(...)`` token for token (tests/test_generation.py, p = 1, 2, 4, with and without data
 parallelism). Only the hidden state crosses stages; masks and positions are rebuilt on every stage.
 
-Decoder-only families; beams are not implemented (greedy and sampling with temperature / top-k / top-p, using HF's
-own logits warpers).
+Decoders, and encoder-decoders (:class:`_Seq2SeqStage`: the encoder runs once, each decoder stage keeps an
+``EncoderDecoderCache``); beams are not implemented (greedy and sampling with temperature / top-k / top-p, using
+HF's own logits warpers, one pick for both: :func:`_pick_tokens`).
 """
 
 from __future__ import annotations
