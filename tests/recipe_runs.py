@@ -59,7 +59,7 @@ def _recipe_main(path: str, argv: list[str]) -> None:
     saved = sys.argv
     sys.argv = [path, *argv]
     try:
-        runpy.run_path(path)["main"]()
+        runpy.run_path(path, run_name="__main__")  # its `if __name__ == "__main__":` block, as `python path` runs it
     finally:
         sys.argv = saved
 

@@ -2,8 +2,6 @@
 through a 2-stage pipeline), metrics decode generated ids, and the summarization recipe reaches a pinned ROUGE on
 its shipped synthetic data."""
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -14,7 +12,7 @@ from hfpipe.tasks.causal_lm import CausalLMDataArguments, CausalLMTask
 from hfpipe.tasks.decoder import default_tokenizer, small_decoder_config
 from hfpipe.tasks.text2text import Text2TextDataArguments, Text2TextTask
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from recipe_runs import run_recipe_in_pool
 
 
 def _encoded(task="summarization", n=8, max_seq_length=48, **kwargs):
@@ -126,37 +124,12 @@ def test_causal_lm_reads_text_files_and_holds_out_validation(tmp_path):
                                            validation_file=str(tmp_path / "dev.csv"))).load_raw()
 
 
-def _recipe_main(path, argv):
-    """``python path *argv`` on a rank of the test pool: the recipe's own ``__main__`` block, which is what picks
-    ``--task translation`` in finetune_translation.py (recipe_runs' ``main()`` call would run summarization)."""
-    import runpy
-    import sys
-
-    saved = sys.argv
-    sys.argv = [path, *argv]
-    try:
-        runpy.run_path(path, run_name="__main__")
-    finally:
-        sys.argv = saved
-
-
-def _run_recipe(pool, recipe, out, *flags):
-    """``recipes/<recipe>.py`` with ``flags`` on the 2 ranks of ``pool`` (no launcher start-up); its eval metrics."""
-    import json
-
-    path = os.path.join(ROOT, "recipes", f"{recipe}.py")
-    pool.run(_recipe_main, path, ["--output_dir", str(out), "--export_final_model", "false", "--report_to", "none",
-                                  "--disable_tqdm", "true", *flags])
-    with open(os.path.join(out, "eval_results.json")) as f:
-        return json.load(f)
-
-
 def test_summarization_recipe_reaches_rouge(dist_pool, tmp_path):
     """60 steps of the recipe's embedded default (a small Llama) on 2 CPU ranks, evaluated by generating through
     the pipeline. The untrained model scores ROUGE-1 = ROUGE-2 = 0.0 on these 50 examples (it never emits the
     summary words); after 60 steps it has the template "<name> bought <item> in <city> ." (ROUGE-1 45.2, ROUGE-2
     10.0 measured)."""
-    metrics = _run_recipe(dist_pool(2), "finetune_summarization", tmp_path / "out", "--max_steps", "60",
+    metrics = run_recipe_in_pool(dist_pool(2), "finetune_summarization", tmp_path / "out", "--max_steps", "60",
                           "--eval_steps", "60", "--max_eval_samples", "50")
     assert metrics["eval_rouge1"] >= 40.0 and metrics["eval_rouge2"] >= 5.0, metrics
     assert metrics["eval_gen_len"] == pytest.approx(6.0, abs=1.0), metrics  # generated summaries, stopped at EOS
@@ -167,7 +140,7 @@ def test_translation_recipe_t5_reaches_bleu(dist_pool, tmp_path):
     the decoder) for 100 steps on 2 CPU ranks (~7 s of training), scored with sacreBLEU on text generated through
     the pipeline (encoder once, cached decoder steps). Untrained: BLEU 0.0; after 100 steps BLEU 35.5 measured on
     these 50 examples (the recipe's full 400 steps: 35.9 on 100)."""
-    metrics = _run_recipe(dist_pool(2), "finetune_translation", tmp_path / "out", "--model_type", "t5",
+    metrics = run_recipe_in_pool(dist_pool(2), "finetune_translation", tmp_path / "out", "--model_type", "t5",
                           "--max_steps", "100", "--eval_steps", "100", "--max_eval_samples", "50")
     assert metrics["eval_bleu"] >= 25.0, metrics
     assert 6.0 <= metrics["eval_gen_len"] <= 11.0, metrics  # generated translations (~9.5 words), stopped at EOS
