@@ -61,7 +61,7 @@ def test_schedule_errors():
     with pytest.raises(ConfigError, match=r"schedule='gpipe'.*expected one of 1f1b, zb-h1, dualpipev"):
         check_schedule("gpipe", source="--pipeline_schedule")
     with pytest.raises(ConfigError, match=r"dualpipev.*4 micro-batches at 4 stages.*>= 2 x stages micro-batches per "
-                                          r"step \(8 here\); set gradient_accumulation_steps to 8 or more"):
+                                          r"step \(8 here\); use 8 or more \(gradient_accumulation_steps"):
         check_schedule("dualpipev", num_stages=4, micro_batches=4)
     with pytest.raises(ConfigError, match=r"zb-h1.*fp16.*use bf16 or fp32"):
         validate_pipeline_ds_config({"pipeline": {"schedule": "zb-h1"}, "fp16": {"enabled": True}}, 2, 2)

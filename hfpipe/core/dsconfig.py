@@ -118,8 +118,9 @@ def check_schedule(schedule, *, num_stages: int | None = None, micro_batches: in
     if name == "dualpipev" and num_stages and num_stages > 1 and micro_batches is not None \
             and micro_batches < 2 * num_stages:
         raise ConfigError(f"schedule='dualpipev'{_at(source)} with {micro_batches} micro-batches at {num_stages} "
-                          f"stages: DualPipeV needs >= 2 x stages micro-batches per step ({2 * num_stages} here); "
-                          f"set gradient_accumulation_steps to {2 * num_stages} or more, or use schedule \"zb-h1\".")
+                          f"stages: DualPipeV needs >= 2 x stages micro-batches per step ({2 * num_stages} here); use "
+                          f"{2 * num_stages} or more (gradient_accumulation_steps; --micro-batches in hfpipe verify), "
+                          "or schedule \"zb-h1\".")
     if name in ("zb-h1", "dualpipev") and fp16:
         why = ("fp16's dynamic loss scaling checks for overflow once per whole backward, which zb-h1 splits into "
                "input- and weight-gradient passes" if name == "zb-h1" else
