@@ -176,6 +176,11 @@ def _unwrap(model):
     if not hasattr(pipe, "layer_infos") or not hasattr(pipe, "forward_funcs"):
         raise TypeError(f"generate expects an hfpipe HFPipelineModule or its PipelineEngine; got "
                         f"{type(model).__name__}.")
+    if getattr(pipe, "v_shape", False):  # DualPipeVModule: two chunks per rank, not one run down the stages
+        raise ValueError("generate: this pipeline was built with schedule='dualpipev' (each rank holds two chunks, "
+                         "the first and the last stage's share on rank 0); generation runs the layers once down the "
+                         "stages. Fix: generate from a 1f1b or zb-h1 pipeline of the same weights (export, then "
+                         "to_pipeline(folder)), or train with --pipeline_schedule zb-h1.")
     return pipe
 
 

@@ -234,3 +234,27 @@ def test_schedules_loss_curves_equal_1f1b(dist_pool, tmp_path):
         assert bf16[schedule]["losses"][0] == pytest.approx(bf16["1f1b"]["losses"][0], rel=1e-6)
         assert bf16[schedule]["losses"] == pytest.approx(bf16["1f1b"]["losses"], rel=1e-2)
         assert bf16[schedule]["losses"][1] != bf16[schedule]["losses"][0]  # the step changed the weights
+
+
+def _generate_from_dualpipev() -> str:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from hfpipe import to_pipeline
+    from hfpipe.generation import generate
+
+    config = spec_for("llama", "causal-lm", num_hidden_layers=4).hf_config()
+    pipe = to_pipeline(LlamaForCausalLM(config), num_stages=2, schedule="dualpipev")
+    try:
+        generate(pipe, torch.tensor([[5, 6, 7]]), max_new_tokens=2)
+    except ValueError as exc:
+        return str(exc)
+    return "generated"
+
+
+def test_generation_from_a_dualpipev_pipeline_is_refused(dist_pool):
+    """generate() runs the layers once down the stages; a V-shaped module (two chunks per rank) would compute
+    garbage, so it is one error naming the fix."""
+    said = dist_pool(2).run(_generate_from_dualpipev)
+    assert said[0] == said[1] and said[0].startswith("generate: this pipeline was built with schedule='dualpipev'")
+    assert "to_pipeline(folder)" in said[0]
